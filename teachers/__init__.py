@@ -1,0 +1,1 @@
+"""Frozen teacher models loaded from the checkpoint formats people download."""
