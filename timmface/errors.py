@@ -26,3 +26,11 @@ class CheckpointError(TimmfaceError):
 
 class TeacherError(TimmfaceError):
     """A teacher file whose format or architecture cannot be recognised or loaded."""
+
+
+class CorruptRecordError(DataError):
+    """One record or image that cannot be decoded; ``key`` names it. Loaders skip and count these."""
+
+    def __init__(self, message: str, key: int | str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
