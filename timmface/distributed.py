@@ -1,0 +1,138 @@
+"""Process-group helpers: torchrun / SLURM world info, init, and small collectives.
+
+Everything runs on PyTorch's own engine (``torch.distributed``): ``torchrun`` for single- and
+multi-node launches (its rendezvous), or SLURM's ``srun`` (rank and world size from its
+environment). NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "WorldInfo",
+    "world_info_from_env",
+    "init_distributed",
+    "is_distributed",
+    "rank",
+    "world_size",
+    "barrier",
+    "all_gather_concat",
+    "broadcast_object",
+    "all_reduce_max",
+]
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    source: str = "single"
+    """single | torchrun | slurm."""
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """``"node[01-04,07],gpu2"`` -> ``"node01"`` (enough for MASTER_ADDR; no scontrol needed)."""
+    m = re.match(r"([^\[,]+)(?:\[([^\]]+)\])?", nodelist)
+    if not m:
+        return nodelist
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def world_info_from_env(env: dict[str, str] | None = None) -> WorldInfo:
+    """Rank, local rank and world size from torchrun's or SLURM's environment variables."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return WorldInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return WorldInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), "slurm")
+    return WorldInfo()
+
+
+def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> WorldInfo:
+    """Join the process group when launched by torchrun or srun; a no-op for a single process."""
+    info = world_info_from_env()
+    if not info.distributed or dist.is_initialized():
+        return info
+    if info.source == "slurm":
+        os.environ.setdefault("MASTER_ADDR", _first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+        os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
+        os.environ.setdefault("RANK", str(info.rank))
+        os.environ.setdefault("WORLD_SIZE", str(info.world_size))
+        os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {}
+    if device.type == "cuda":
+        kwargs["device_id"] = device
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return info
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    """The maximum of a Python number over all ranks."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def all_gather_concat(tensor: Tensor) -> Tensor:
+    """Concatenate (along dim 0, in rank order) tensors whose first dimension may differ by rank."""
+    if not is_distributed():
+        return tensor
+    n = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes_i = [int(s.item()) for s in sizes]
+    padded = tensor.new_zeros((max(sizes_i), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    out = [torch.empty_like(padded) for _ in sizes_i]
+    dist.all_gather(out, padded.contiguous())
+    return torch.cat([o[:s] for o, s in zip(out, sizes_i)])
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Send a picklable Python object from ``src`` to every rank (internal data only)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,557 @@
+"""The training loop: margin-loss training of a timm backbone (and distillation, which adds terms).
+
+``Trainer(cfg).fit()`` reads as the algorithm; set-up is split into ``_setup_*`` methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from timmface import distributed as tdist
+from timmface.checkpoint import clean_state_dict, list_checkpoints, load_resume, save_checkpoint
+from timmface.config import Config, diff_configs, save_config
+from timmface.data.loader import (
+    Batch,
+    DeviceNormalizer,
+    build_dataset,
+    build_train_loader,
+    dataset_num_classes,
+)
+from timmface.data.transforms import build_transform
+from timmface.ema import EMA
+from timmface.errors import CheckpointError, ConfigError, DataError, TimmfaceError
+from timmface.evaluation.verification import embed_uint8, verification_metrics
+from timmface.losses import AdaFace, build_loss
+from timmface.metrics import MetricsWriter, Progress
+from timmface.model import FaceModel, MarginHead
+from timmface.optim import build_optimizer, cosine_lr, set_lr, warmup_steps
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "none": None}
+MODEL_KEYS = ("model.backbone", "model.kwargs", "model.embed_dim")
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name} but CUDA is not available")
+        if device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuplify(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _tuplify(x: Any) -> Any:
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _val_name(path: str | Path) -> str:
+    return Path(path).stem
+
+
+class Trainer:
+    """Builds everything a run needs from a :class:`~timmface.config.Config` and trains it."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.step = 0
+        self.counters = {"nonfinite": 0, "bad_records": 0, "seen_records": 0}
+        self.first_bad: tuple[Any, str] | None = None
+        self.last_eval: dict[str, float] = {}
+        self.last_checkpoint: Path | None = None
+        self._setup_runtime()
+        self._setup_output()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optim()
+        self._resume()
+        self._setup_logging()
+
+    # ---------------------------------------------------------------------------------------- set-up
+
+    def _setup_runtime(self) -> None:
+        cfg = self.cfg
+        info = tdist.world_info_from_env()
+        self.device = pick_device(cfg.device, info.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = not cfg.deterministic
+        elif info.distributed:  # CPU processes on one machine share its cores
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        self.world = tdist.init_distributed(self.device, cfg.dist_timeout)
+        self.is_main = self.world.is_main
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(cfg.seed + self.world.rank)
+        self.amp_dtype = AMP_DTYPES[cfg.amp]
+        if self.amp_dtype is torch.float16 and self.device.type == "cpu":
+            warnings.warn("amp=float16 on CPU is slow and rarely useful; consider amp=bfloat16", stacklevel=2)
+
+    def _setup_output(self) -> None:
+        cfg = self.cfg
+        self.output_dir = Path(cfg.output_dir)
+        existing = list_checkpoints(self.output_dir)
+        resuming = cfg.resume == "auto" and existing or (cfg.resume and cfg.resume != "auto")
+        if existing and not resuming:
+            if not cfg.overwrite:
+                raise ConfigError(
+                    f"{self.output_dir}: already holds checkpoints of a run; pass resume=auto to continue it, "
+                    "overwrite=true to start over, or choose another output_dir"
+                )
+            if self.is_main:
+                shutil.rmtree(self.output_dir / "checkpoints", ignore_errors=True)
+                (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        tdist.barrier()
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output_dir / "config.yaml")
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        path = cfg.data.path
+        if cfg.data.demo.enabled and not path:
+            path = self._demo_path()
+        self.data_path = path
+        self.dataset = build_dataset(path, cfg.data.format)
+        self.num_classes = dataset_num_classes(self.dataset, cfg.data.num_classes)
+        if self.num_classes < 2:
+            raise DataError(f"{path}: found {self.num_classes} classes; margin losses need at least 2")
+        transform = build_transform(cfg.data.augmentations)
+        self.has_augmentations = transform is not None
+        self.loader = build_train_loader(
+            self.dataset,
+            cfg.batch_size,
+            rank=self.world.rank,
+            world_size=self.world.world_size,
+            grad_accum=cfg.optim.grad_accum,
+            seed=cfg.seed,
+            hflip=cfg.data.hflip,
+            transform=transform,
+            num_workers=cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=cfg.data.prefetch_factor,
+            image_size=cfg.data.image_size,
+        )
+        self.to_device = DeviceNormalizer(self.device, cfg.model.channels_last)
+        if cfg.data.val_sets:
+            self.val_sets = [Path(p) for p in cfg.data.val_sets]
+            missing = [str(p) for p in self.val_sets if not p.is_file()]
+            if missing:
+                raise DataError(f"{missing[0]}: verification set not found (data.val_sets)")
+        else:
+            folder = Path(path)
+            self.val_sets = sorted(folder.glob("*.bin")) if folder.is_dir() else []
+        self._val_cache: dict[Path, tuple[list[bytes], list[bool]]] = {}
+
+    def _demo_path(self) -> str:
+        from timmface.data.demo import load_or_generate_demo
+
+        demo = self.cfg.data.demo
+        cache = demo.cache_dir or os.environ.get("TIMMFACE_CACHE") or str(Path.home() / ".cache" / "timmface")
+        params = dict(
+            num_identities=demo.num_identities,
+            images_per_identity=demo.images_per_identity,
+            num_val_identities=demo.num_val_identities,
+            num_val_pairs=demo.num_val_pairs,
+            difficulty=demo.difficulty,
+            seed=demo.seed,
+        )
+        if self.is_main:
+            path = load_or_generate_demo(Path(cache) / "demo", **params)
+        tdist.barrier()
+        if not self.is_main:
+            path = load_or_generate_demo(Path(cache) / "demo", **params)
+        return str(path)
+
+    def _build_loss(self) -> nn.Module:
+        lc = self.cfg.loss
+        loss = build_loss(lc.name, s=lc.s, m=lc.m, h=lc.h, t_alpha=lc.t_alpha, straight_through=lc.straight_through)
+        if isinstance(loss, AdaFace):
+            loss.sync_stats = self.world.distributed
+        return loss
+
+    def _setup_model(self) -> None:
+        from students import create_student
+
+        cfg = self.cfg
+        backbone = create_student(
+            cfg.model.backbone, embed_dim=cfg.model.embed_dim, pretrained=cfg.model.pretrained, **cfg.model.kwargs
+        )
+        head = MarginHead(
+            self.num_classes, cfg.model.embed_dim, self._build_loss(), cfg.head.partial_fc, cfg.head.init_std
+        )
+        self.model = FaceModel(backbone, head, self._build_terms(), margin_weight=cfg.distill.margin_weight)
+        self.model.to(self.device)
+        if cfg.model.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.ema = (
+            EMA(self.model.backbone, cfg.ema.decay, cfg.ema.warmup_steps, cfg.ema.every) if cfg.ema.enabled else None
+        )
+        if cfg.compile:
+            # compile before DDP; Module.compile keeps the state-dict keys free of "_orig_mod."
+            self.model.backbone.compile()
+        self.ddp_model: nn.Module = self.model
+        if self.world.distributed:
+            self.ddp_model = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+
+    def _build_terms(self) -> dict[str, nn.Module]:
+        """Extra loss terms (distillation); none for plain training."""
+        return {}
+
+    def _setup_optim(self) -> None:
+        cfg = self.cfg
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
+        self.warmup = warmup_steps(cfg.optim.warmup, cfg.total_steps)
+
+    def _setup_logging(self) -> None:
+        cfg = self.cfg
+        self.metrics = MetricsWriter(
+            self.output_dir,
+            enabled=self.is_main,
+            wandb=cfg.log.wandb,
+            tensorboard=cfg.log.tensorboard,
+            wandb_project=cfg.log.wandb_project,
+            config=asdict(cfg),
+        )
+        self.metrics.truncate_after(self.step)
+
+    # ---------------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        model = self.model
+        return {
+            "config": asdict(self.cfg),
+            "num_classes": self.num_classes,
+            "world_size": self.world.world_size,
+            "model": clean_state_dict(model.backbone.state_dict()),
+            "head": clean_state_dict(model.head.state_dict()) if model.head is not None else None,
+            "terms": clean_state_dict(model.terms.state_dict()),
+            "ema": self.ema.state_dict()["module"] if self.ema is not None and self.ema.active else None,
+            "ema_state": {"active": self.ema.active} if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "loader": self.loader.state_dict(),
+            "rng": rng_state(self.device),
+            "counters": dict(self.counters),
+            "metrics": dict(self.last_eval),
+        }
+
+    def save(self) -> Path | None:
+        path = None
+        if self.is_main:
+            path = save_checkpoint(self.state_dict(), self.output_dir, self.step, self.cfg.keep_last)
+            self.last_checkpoint = path
+        tdist.barrier()
+        return path
+
+    def _check_compatible(self, ckpt: dict[str, Any], path: Path) -> None:
+        saved = ckpt.get("config") or {}
+        changed = diff_configs(saved, asdict(self.cfg))
+        model_changes = [k for k in changed if k.startswith(MODEL_KEYS)]
+        if model_changes:
+            shown = ", ".join(
+                f"{k}: {_lookup(saved, k)!r} -> {_lookup(asdict(self.cfg), k)!r}" for k in model_changes[:3]
+            )
+            raise CheckpointError(f"{path}: checkpoint's model differs from the config ({shown})")
+        if int(ckpt.get("num_classes", self.num_classes)) != self.num_classes:
+            raise CheckpointError(
+                f"{path}: checkpoint has {ckpt['num_classes']} classes, the data has {self.num_classes}"
+            )
+        other = [k for k in changed if k not in ("resume", "overwrite") and not k.startswith(MODEL_KEYS)]
+        if other and self.is_main:
+            print(f"resuming with changed settings: {', '.join(other[:8])}", flush=True)
+
+    def _resume(self) -> None:
+        found = load_resume(self.cfg.resume, self.output_dir)
+        if found is None:
+            return
+        path, ckpt = found
+        self._check_compatible(ckpt, path)
+        try:
+            self.model.backbone.load_state_dict(ckpt["model"])
+            if self.model.head is not None and ckpt.get("head") is not None:
+                self.model.head.load_state_dict(ckpt["head"])
+            self.model.terms.load_state_dict(ckpt.get("terms") or {})
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            first = str(e).strip().splitlines()[0][:300]
+            raise CheckpointError(f"{path}: does not fit this run's model ({first})") from e
+        if self.ema is not None and ckpt.get("ema_state"):
+            if ckpt.get("ema") is not None:
+                self.ema.module.load_state_dict(ckpt["ema"])
+            self.ema.active = bool(ckpt["ema_state"]["active"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.loader.load_state_dict(ckpt["loader"])
+        if int(ckpt.get("world_size", 1)) == self.world.world_size:
+            set_rng_state(ckpt["rng"], self.device)
+        self.counters.update(ckpt.get("counters") or {})
+        self.last_eval = dict(ckpt.get("metrics") or {})
+        self.step = int(ckpt["step"])
+        self.last_checkpoint = path
+        if self.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    # ------------------------------------------------------------------------------------- training
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def targets(self, batch: Batch, images: Tensor, flips: Tensor) -> dict[str, Any]:
+        """Per-sample extras for the loss terms (teacher embeddings); none for plain training."""
+        return {}
+
+    def _account_bad(self, batch: Batch) -> None:
+        self.counters["seen_records"] += len(batch.labels) + len(batch.bad)
+        if not batch.bad:
+            return
+        self.counters["bad_records"] += len(batch.bad)
+        if self.first_bad is None:
+            self.first_bad = (batch.bad[0][1], batch.bad[0][2])
+        for _, key, message in batch.bad[:3]:
+            print(f"warning: skipped a record that failed to decode: {message}", flush=True)
+        limit = self.cfg.data.max_bad_fraction
+        fraction = self.counters["bad_records"] / max(self.counters["seen_records"], 1000)
+        if fraction > limit:
+            key, message = self.first_bad
+            raise DataError(
+                f"{self.data_path}: {self.counters['bad_records']} of {self.counters['seen_records']} records failed "
+                f"to decode (more than data.max_bad_fraction={limit}); first bad record: key {key} ({message})"
+            )
+
+    def _micro_step(self, batch: Batch, sync: bool, scale: float) -> dict[str, Tensor]:
+        x, labels, flips = self.to_device(batch)
+        targets = self.targets(batch, x, flips)
+        no_sync = isinstance(self.ddp_model, DistributedDataParallel) and not sync
+        with self.ddp_model.no_sync() if no_sync else contextlib.nullcontext():
+            with self.autocast():
+                out = self.ddp_model(x, labels, targets)
+            self.scaler.scale(out["loss"] * scale).backward()
+        return out
+
+    def train_step(self) -> dict[str, float]:
+        """One optimiser step over ``grad_accum`` micro-batches; returns the logged values."""
+        cfg = self.cfg
+        lr = cosine_lr(self.step, cfg.optim.lr, cfg.total_steps, self.warmup, cfg.optim.final_lr_mult)
+        set_lr(self.optimizer, lr)
+        accum = cfg.optim.grad_accum
+        sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        norms = []
+        n_images = 0
+        for micro in range(accum):
+            batch = next(self.loader)
+            self._account_bad(batch)
+            if len(batch.labels) == 0:
+                raise DataError(f"{self.data_path}: a whole batch failed to decode; the data is unusable")
+            out = self._micro_step(batch, sync=micro == accum - 1, scale=1.0 / accum)
+            n_images += len(batch.labels)
+            for k, v in out.items():
+                if k not in ("embeddings", "norms") and v.ndim == 0:
+                    sums[k] = sums[k] + v.detach().float() / accum
+            norms.append(out["norms"])
+
+        finite = bool(torch.isfinite(sums["loss"]).item())
+        if self.world.distributed:
+            finite = tdist.all_reduce_max(0.0 if finite else 1.0, self.device) == 0.0
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._nonfinite()
+            return {"lr": lr, "loss": float("nan"), "skipped": 1.0}
+
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.grad is not None], max_norm
+        )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        norm_all = torch.cat(norms)
+        values = {k: v for k, v in sums.items()}
+        values.update(lr=lr, grad_norm=grad_norm, norm_mean=norm_all.mean(), images=float(n_images))
+        return values
+
+    def _nonfinite(self) -> None:
+        self.counters["nonfinite"] += 1
+        where = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint yet"
+        if self.cfg.nonfinite == "stop" or self.counters["nonfinite"] > self.cfg.max_nonfinite:
+            raise TimmfaceError(
+                f"non-finite loss at step {self.step + 1} ({self.counters['nonfinite']} so far; nonfinite="
+                f"{self.cfg.nonfinite}, max_nonfinite={self.cfg.max_nonfinite}); {where}"
+            )
+        if self.is_main:
+            print(f"warning: non-finite loss at step {self.step + 1}: step skipped", flush=True)
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    def fit(self) -> dict[str, float]:
+        """Train to ``total_steps``; evaluate every ``eval_every`` and save every ``save_every`` steps."""
+        cfg = self.cfg
+        progress = Progress(cfg.total_steps, self.step, cfg.log.progress, enabled=self.is_main)
+        if self.is_main:
+            progress.message(self.describe())
+        self.model.train()
+        window_t, window_images = time.perf_counter(), 0.0
+        acc: dict[str, float] = defaultdict(float)
+        acc_n = 0
+        try:
+            while self.step < cfg.total_steps:
+                values = self.train_step()
+                self.step += 1
+                if self.ema is not None:
+                    self.ema.update(self.model.backbone, self.step)
+                window_images += values.pop("images", 0.0)
+                for k, v in values.items():
+                    acc[k] += float(v)
+                acc_n += 1
+                log_now = self.step % cfg.log.every == 0 or self.step == cfg.total_steps
+                if log_now:
+                    elapsed = time.perf_counter() - window_t
+                    record = {k: v / acc_n for k, v in acc.items()}
+                    record["img_per_s"] = window_images * self.world.world_size / max(elapsed, 1e-9)
+                    record["epoch"] = self.loader.epoch_progress
+                    record["data/bad_records"] = self.counters["bad_records"]
+                    record["nonfinite_skipped"] = self.counters["nonfinite"]
+                    self.metrics.log(self.step, record)
+                    shown = {k: record[k] for k in ("loss", "lr", "img_per_s") if k in record}
+                    progress.update(self.step, shown, emit=True)
+                    acc, acc_n = defaultdict(float), 0
+                    window_t, window_images = time.perf_counter(), 0.0
+                else:
+                    progress.update(self.step, {}, emit=False)
+                final = self.step == cfg.total_steps
+                if self._due(cfg.eval_every) or final:
+                    results = self.evaluate()
+                    if results and self.is_main:
+                        progress.message(
+                            f"step {self.step}: " + "  ".join(f"{k}={v:.4f}" for k, v in results.items() if "/" in k)
+                        )
+                if self._due(cfg.save_every) or final:
+                    self.save()
+        finally:
+            progress.close()
+            self.loader.close()
+            self.metrics.close()
+        return dict(self.last_eval)
+
+    def describe(self) -> str:
+        n_backbone = sum(p.numel() for p in self.model.backbone.parameters())
+        n_head = self.model.head.weight.numel() if self.model.head is not None else 0
+        return (
+            f"timmface: {self.cfg.model.backbone} ({n_backbone / 1e6:.2f}M params) + {self.num_classes} class centres "
+            f"({n_head / 1e6:.2f}M), {self.cfg.loss.name}, {len(self.dataset)} images, "
+            f"batch {self.cfg.batch_size} x {self.world.world_size} rank(s), device {self.device}, "
+            f"from step {self.step} to {self.cfg.total_steps}"
+        )
+
+    # ------------------------------------------------------------------------------------ evaluation
+
+    def eval_backbone(self) -> nn.Module:
+        """The EMA backbone once it is active, else the live one."""
+        if self.ema is not None and self.ema.active:
+            return self.ema.module
+        return self.model.backbone
+
+    def _read_val(self, path: Path) -> tuple[list[bytes], list[bool]]:
+        if path not in self._val_cache:
+            from timmface.data.bin import read_bin
+
+            self._val_cache[path] = read_bin(path)
+        return self._val_cache[path]
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Accuracy-Flip on every verification set; images are split across ranks, then gathered."""
+        if not self.val_sets:
+            return {}
+        from timmface.evaluation.verification import _decode_batches
+
+        backbone = self.eval_backbone()
+        was_training = backbone.training
+        backbone.eval()
+        amp = self.amp_dtype if self.device.type == "cuda" else None
+        results: dict[str, float] = {}
+        try:
+            for path in self.val_sets:
+                images, issame = self._read_val(path)
+                n, r, w = len(images), self.world.rank, self.world.world_size
+                lo, hi = n * r // w, n * (r + 1) // w
+                parts = [
+                    embed_uint8(backbone, b, flip=self.cfg.eval_flip, amp_dtype=amp,
+                                channels_last=self.cfg.model.channels_last)
+                    for b in _decode_batches(images[lo:hi], self.cfg.eval_batch_size)
+                ]
+                local = torch.cat(parts) if parts else torch.empty(0, self.cfg.model.embed_dim, device=self.device)
+                emb = tdist.all_gather_concat(local.to(self.device)).cpu()
+                res = verification_metrics(emb[0::2], emb[1::2], issame)
+                name = _val_name(path)
+                results[f"acc/{name}"] = res.accuracy
+                results[f"acc_std/{name}"] = res.std
+                results[f"threshold/{name}"] = res.threshold
+        finally:
+            backbone.train(was_training)
+        self.last_eval = results
+        self.metrics.log(self.step, results)
+        return results
+
+
+def _lookup(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict):
+            return None
+        d = d.get(part)  # type: ignore[assignment]
+    return d
