@@ -438,9 +438,14 @@ class Trainer:
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
 
-    def fit(self) -> dict[str, float]:
-        """Train to ``total_steps``; evaluate every ``eval_every`` and save every ``save_every`` steps."""
+    def fit(self, until: int | None = None) -> dict[str, float]:
+        """Train to ``total_steps``; evaluate every ``eval_every`` and save every ``save_every`` steps.
+
+        ``until`` stops this call early at that step, after saving a checkpoint there (a job with a
+        time limit; tests of resume). The schedule still follows ``total_steps``.
+        """
         cfg = self.cfg
+        stop = cfg.total_steps if until is None else min(until, cfg.total_steps)
         progress = Progress(cfg.total_steps, self.step, cfg.log.progress, enabled=self.is_main)
         if self.is_main:
             progress.message(self.describe())
@@ -449,7 +454,7 @@ class Trainer:
         acc: dict[str, float] = defaultdict(float)
         acc_n = 0
         try:
-            while self.step < cfg.total_steps:
+            while self.step < stop:
                 values = self.train_step()
                 self.step += 1
                 if self.ema is not None:
@@ -480,7 +485,7 @@ class Trainer:
                         progress.message(
                             f"step {self.step}: " + "  ".join(f"{k}={v:.4f}" for k, v in results.items() if "/" in k)
                         )
-                if self._due(cfg.save_every) or final:
+                if self._due(cfg.save_every) or final or self.step == stop:
                     self.save()
         finally:
             progress.close()
