@@ -88,6 +88,8 @@ def test_warp_integer_translation_is_exact() -> None:
     expected = torch.zeros_like(img)
     expected[:, :36, 7:] = img[:, 4:, :43]  # dst(x, y) = src(x - 7, y + 4); zero where that falls outside
     assert torch.equal(out, expected)
+    far_away = warp_affine(img, np.array([[1.0, 0, 500], [0, 1, 0]]), out_size=(20, 20), mode="bicubic")
+    assert far_away.shape == (3, 20, 20) and not far_away.any()
 
 
 def test_warp_quarter_turn_is_exact() -> None:
@@ -98,8 +100,9 @@ def test_warp_quarter_turn_is_exact() -> None:
     assert torch.equal(warp_affine(img, m, out_size=(w, h)), torch.rot90(img, 1, dims=(1, 2)))
 
 
-def test_warp_generic_matches_numpy_bilinear_and_batches() -> None:
-    img = torch.randint(0, 256, (3, 37, 41), dtype=torch.uint8)
+@pytest.mark.parametrize("seed", range(3))
+def test_warp_generic_matches_numpy_bilinear_and_batches(seed: int) -> None:
+    img = torch.randint(0, 256, (3, 37, 41), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     m = similarity(1.37, 0.61, 9.3, -14.2)
     out = warp_affine(img, m, out_size=(33, 29))
     ref = numpy_warp(img.numpy().astype(np.float64), m, (33, 29))
@@ -108,13 +111,14 @@ def test_warp_generic_matches_numpy_bilinear_and_batches() -> None:
     assert (diff > 0).mean() < 0.01
 
     m2 = similarity(0.8, -0.3, 3, 4)
+    # a batch crops the input to the union of the samples' reach: float32 grid rounding may move a value across .5
     batch = warp_affine(torch.stack([img, img.flip(-1)]), np.stack([m, m2]), out_size=(33, 29))
-    assert torch.equal(batch[0], out)
-    assert torch.equal(batch[1], warp_affine(img.flip(-1), m2, out_size=(33, 29)))
+    for got, want in ((batch[0], out), (batch[1], warp_affine(img.flip(-1), m2, out_size=(33, 29)))):
+        assert (got.int() - want.int()).abs().max() <= 1 and (got != want).float().mean() < 0.01
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_align_face_undoes_a_known_transform(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "mode"), [(0, "bilinear"), (1, "bilinear"), (2, "bicubic")])
+def test_align_face_undoes_a_known_transform(seed: int, mode: str) -> None:
     rng = np.random.default_rng(seed)
     aligned = smooth_image(112, 112, seed)
     # a loose crop: the aligned face scaled, rotated and shifted into a bigger canvas
@@ -123,7 +127,7 @@ def test_align_face_undoes_a_known_transform(seed: int) -> None:
     loose = warp_affine(aligned, to_loose, out_size=(200, 200))
     landmarks = apply(to_loose, ARCFACE_REF_112.astype(np.float64))
 
-    back = align_face(loose, landmarks.astype(np.float32))
+    back = align_face(loose, landmarks.astype(np.float32), mode=mode)
     assert back.shape == (3, 112, 112) and back.dtype == torch.uint8
     err = (back.int() - aligned.int()).abs()[:, 4:-4, 4:-4].float()
     assert err.mean() < 1.5 and err.max() <= 12

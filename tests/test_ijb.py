@@ -201,6 +201,15 @@ def build_ijb(root: Path, set_name: str = "IJBC", seed: int = 0) -> Design:
     return Design(root=root, table=table, pair_scores=pair_scores, failed=sorted(failed, key=lambda s: int(s[:-4])))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The images here are tiny: thread-pool hand-offs would dominate (badly so on a loaded 2-core CI machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ijb(tmp_path_factory: pytest.TempPathFactory) -> Design:
     return build_ijb(tmp_path_factory.mktemp("ijb"))
@@ -259,6 +268,14 @@ def test_tar_changes_when_templates_are_scored_differently(ijb: Design) -> None:
     meta.medias = np.arange(len(meta.medias))
     other = verify_templates(meta, feats, ok, "adaface")
     assert not np.allclose(np.nan_to_num(other.scores), np.nan_to_num(res.scores), atol=1e-3)
+
+
+def test_non_finite_embeddings_are_reported(ijb: Design) -> None:
+    meta = load_ijb_meta(ijb.root, "IJBC")
+    feats = torch.ones(len(meta.names), 8)
+    feats[3, 2] = float("inf")
+    with pytest.raises(ValueError, match=rf"1 image embeddings are not finite .* e.g. {meta.names[3]}"):
+        verify_templates(meta, feats, None, "insightface")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -494,8 +511,15 @@ def test_dataset_pickles_and_aligns(ijb: Design) -> None:
 def test_protocol_presets_follow_the_reference_defaults() -> None:
     assert PROTOCOLS["insightface"] == IJBProtocol(flip=True, norm_fusion=True, detector_score=True)
     assert PROTOCOLS["adaface"] == IJBProtocol(flip=True, norm_fusion=True, detector_score=False)
-    assert PROTOCOLS["timm-face"] == IJBProtocol(flip=False, norm_fusion=False, detector_score=False)
+    assert PROTOCOLS["timm-face"] == IJBProtocol(
+        flip=False, norm_fusion=False, detector_score=False, interpolation="bicubic"
+    )
     assert PROTOCOLS["adaface"].describe("IJBB") == "IJBB 1:1, flip TTA, norm fusion, no detector score"
+    assert (
+        PROTOCOLS["timm-face"]
+        .describe("IJBC")
+        .endswith("no flip, L2-normalised images, no detector score, bicubic alignment")
+    )
 
 
 def _result() -> IJBResult:

@@ -15,6 +15,8 @@ estimates a similarity transform from the detected landmarks to :data:`ARCFACE_R
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -77,15 +79,20 @@ def _invert_affine(m: torch.Tensor) -> torch.Tensor:
 
 
 def warp_affine(
-    image: torch.Tensor, m: np.ndarray | torch.Tensor, out_size: tuple[int, int] = (112, 112)
+    image: torch.Tensor,
+    m: np.ndarray | torch.Tensor,
+    out_size: tuple[int, int] = (112, 112),
+    mode: Literal["bilinear", "bicubic"] = "bilinear",
 ) -> torch.Tensor:
-    """Bilinear affine warp with OpenCV ``warpAffine`` semantics (``INTER_LINEAR``, constant 0 border).
+    """Affine warp with OpenCV ``warpAffine`` semantics (``INTER_LINEAR`` / ``INTER_CUBIC``, constant 0 border).
 
     Args:
         image: uint8 (C, H, W) or (N, C, H, W).
         m: (2, 3) or (N, 2, 3) forward map from input pixel coordinates to output pixel coordinates (the matrix
             ``cv2.warpAffine`` takes without ``WARP_INVERSE_MAP``).
         out_size: (height, width) of the output.
+        mode: "bilinear" (the insightface / AdaFace scripts) or "bicubic" (timm-face's ``test_ijb.py``; grid_sample's
+            cubic kernel has OpenCV's a = -0.75).
 
     Returns:
         uint8 (C, out_h, out_w) or (N, C, out_h, out_w), rounded to nearest.
@@ -100,20 +107,31 @@ def warp_affine(
     out_h, out_w = out_size
 
     # Geometry in float64 so integer shifts and quarter turns land exactly on pixel centres.
-    m = torch.as_tensor(m, dtype=torch.float64).reshape(-1, 2, 3).expand(n, 2, 3)
+    m = torch.as_tensor(m, dtype=torch.float64, device="cpu").reshape(-1, 2, 3).expand(n, 2, 3)
     inv = _invert_affine(m)
     ys, xs = torch.meshgrid(
         torch.arange(out_h, dtype=torch.float64), torch.arange(out_w, dtype=torch.float64), indexing="ij"
     )
     dst = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(1, -1, 3)  # (1, out_h*out_w, 3)
     src = dst @ inv.transpose(1, 2)  # (N, out_h*out_w, 2) input coordinates, pixel centres at integers
+
+    # Convert only the part of the input the samples can reach (a bicubic tap reaches floor(x)-1 .. floor(x)+2): big
+    # loose crops then cost no more than small ones, and zero padding is unchanged.
+    lo = (src.amin(dim=(0, 1)).floor() - 2).clamp(min=0)
+    hi = (src.amax(dim=(0, 1)).ceil() + 3).clamp(max=torch.tensor([w, h], dtype=torch.float64))
+    x0, y0, x1, y1 = int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1])
+    if x1 <= x0 or y1 <= y0:  # every sample falls outside the input
+        out = torch.zeros(n, x.shape[1], out_h, out_w, dtype=torch.uint8, device=x.device)
+        return out if batched else out[0]
+    x, src = x[:, :, y0:y1, x0:x1], src - torch.tensor([x0, y0], dtype=torch.float64)
+    h, w = y1 - y0, x1 - x0
     # grid_sample with align_corners=False puts -1 / +1 on the outer pixel *edges*, so centre x maps to (2x+1)/W-1.
     size = torch.tensor([w, h], dtype=torch.float64)
     grid = ((2 * src + 1) / size - 1).reshape(n, out_h, out_w, 2).to(torch.float32)
     out = F.grid_sample(
         x.to(torch.float32),
         grid.to(x.device),
-        mode="bilinear",
+        mode=mode,
         padding_mode="zeros",
         align_corners=False,
     )
@@ -121,12 +139,15 @@ def warp_affine(
     return out if batched else out[0]
 
 
-def align_face(image: torch.Tensor, landmarks5: np.ndarray | torch.Tensor) -> torch.Tensor:
+def align_face(
+    image: torch.Tensor, landmarks5: np.ndarray | torch.Tensor, mode: Literal["bilinear", "bicubic"] = "bilinear"
+) -> torch.Tensor:
     """Warp a loose face crop to the 112x112 ArcFace crop given its five landmarks.
 
     Args:
         image: uint8 (3, H, W) RGB.
         landmarks5: (5, 2) (x, y) pixel coordinates in ``image``, ordered as :data:`ARCFACE_REF_112`.
+        mode: resampling, see :func:`warp_affine`.
 
     Returns:
         uint8 (3, 112, 112).
@@ -138,4 +159,4 @@ def align_face(image: torch.Tensor, landmarks5: np.ndarray | torch.Tensor) -> to
     m = estimate_similarity(lmk, ARCFACE_REF_112)
     if not np.isfinite(m).all() or abs(np.linalg.det(m[:, :2])) < 1e-12:
         raise ValueError(f"degenerate landmarks {lmk.tolist()}: no similarity transform")
-    return warp_affine(image, m, (112, 112))
+    return warp_affine(image, m, (112, 112), mode)

@@ -100,6 +100,8 @@ class IJBProtocol:
     """Keep image features unnormalised, so their norms weight the pooling; else L2-normalise each first."""
     detector_score: bool = True
     """Multiply each image feature by the detector's faceness score (last column of ``*_name_5pts_score.txt``)."""
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    """Alignment resampling: ``cv2.warpAffine``'s default bilinear (insightface, AdaFace) or bicubic (timm-face)."""
 
     def describe(self, set_name: str) -> str:
         """E.g. ``"IJBC 1:1, flip TTA, norm fusion, detector score"``."""
@@ -109,6 +111,8 @@ class IJBProtocol:
             "norm fusion" if self.norm_fusion else "L2-normalised images",
             "detector score" if self.detector_score else "no detector score",
         ]
+        if self.interpolation != "bilinear":
+            parts.append(f"{self.interpolation} alignment")
         return ", ".join(parts)
 
 
@@ -117,8 +121,9 @@ PROTOCOLS: dict[str, IJBProtocol] = {
     "insightface": IJBProtocol(flip=True, norm_fusion=True, detector_score=True),
     # validate_IJB_BC.py defaults: use_flip_test=True, fusion_method=pre_norm_vector_add; no faceness weighting
     "adaface": IJBProtocol(flip=True, norm_fusion=True, detector_score=False),
-    # timm-face test_ijb.py: no flip, F.normalize per image, no faceness weighting (its published table)
-    "timm-face": IJBProtocol(flip=False, norm_fusion=False, detector_score=False),
+    # timm-face test_ijb.py (its published table): no flip, F.normalize per image, no faceness weighting, and
+    # cv2.estimateAffinePartial2D (all points inliers: the same least-squares similarity) + INTER_CUBIC warp
+    "timm-face": IJBProtocol(flip=False, norm_fusion=False, detector_score=False, interpolation="bicubic"),
 }
 
 
@@ -316,12 +321,19 @@ class IJBAlignedDataset(Dataset):
     """Decodes and aligns loose crops; plain data only, so it pickles into DataLoader workers (fork or spawn).
 
     Item ``i``: ``(image, ok, i)`` with ``image`` uint8 (3, 112, 112) RGB, all zeros when the file is missing or does
-    not decode (``ok`` False).
+    not decode (``ok`` False). ``interpolation``: see :func:`~timmface.evaluation.align.warp_affine`.
     """
 
-    def __init__(self, image_dir: str | Path, names: Sequence[str], landmarks: np.ndarray) -> None:
+    def __init__(
+        self,
+        image_dir: str | Path,
+        names: Sequence[str],
+        landmarks: np.ndarray,
+        interpolation: Literal["bilinear", "bicubic"] = "bilinear",
+    ) -> None:
         if len(names) != len(landmarks):
             raise ValueError(f"{len(names)} names but {len(landmarks)} landmark sets")
+        self.interpolation = interpolation
         self.image_dir = str(image_dir)
         self.names = list(names)
         self.landmarks = np.asarray(landmarks, dtype=np.float32).reshape(-1, 5, 2)
@@ -335,7 +347,7 @@ class IJBAlignedDataset(Dataset):
         try:
             # libjpeg-turbo via torchvision; grey and CMYK JPEGs come out as RGB
             img = decode_image(read_file(f"{self.image_dir}/{self.names[i]}"), mode=ImageReadMode.RGB)
-            return align_face(img, self.landmarks[i]), True, i
+            return align_face(img, self.landmarks[i], self.interpolation), True, i
         except (RuntimeError, OSError, ValueError):
             return torch.zeros(3, 112, 112, dtype=torch.uint8), False, i
 
@@ -513,13 +525,17 @@ def _default_device(device: torch.device | str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def _as_index(idx: np.ndarray | Tensor) -> Tensor:
+    return (idx if isinstance(idx, Tensor) else torch.from_numpy(np.asarray(idx))).to(torch.int64)
+
+
 def pick_scoring_method(idx1: np.ndarray | Tensor, idx2: np.ndarray | Tensor, n_templates: int) -> str:
     """``"gemm"`` when the distinct first x second templates are at most 16x the pairs, else ``"gather"``.
 
     16: on this project's CPU and on GPUs a GEMM multiply-add costs well under 1/16 of a gathered-row one (the
     benchmark ``benchmarks/ijb_scoring.py`` prints both methods).
     """
-    i1, i2 = torch.as_tensor(np.asarray(idx1)), torch.as_tensor(np.asarray(idx2))
+    i1, i2 = _as_index(idx1).cpu(), _as_index(idx2).cpu()
     u1 = int((torch.bincount(i1, minlength=n_templates) > 0).sum())
     u2 = int((torch.bincount(i2, minlength=n_templates) > 0).sum())
     return "gemm" if u1 * u2 <= 16 * len(i1) else "gather"
@@ -555,8 +571,7 @@ def score_pairs(
         float (P,) scores on the CPU, in pair order.
     """
     device = _default_device(device)
-    i1 = torch.as_tensor(np.asarray(idx1) if not isinstance(idx1, Tensor) else idx1, dtype=torch.int64)
-    i2 = torch.as_tensor(np.asarray(idx2) if not isinstance(idx2, Tensor) else idx2, dtype=torch.int64)
+    i1, i2 = _as_index(idx1).cpu(), _as_index(idx2).cpu()
     if i1.shape != i2.shape or i1.ndim != 1:
         raise ValueError(f"idx1 and idx2 must be 1-D of equal length, got {tuple(i1.shape)} and {tuple(i2.shape)}")
     n_pairs = len(i1)
@@ -748,6 +763,10 @@ def verify_templates(
     if feats.shape[0] != n:
         raise ValueError(f"{feats.shape[0]} image features for {n} images")
     ok_np = np.ones(n, dtype=bool) if ok is None else np.asarray(ok, dtype=bool)
+    bad = ~torch.isfinite(feats).all(1) & torch.from_numpy(ok_np)
+    if bad.any():
+        first = meta.names[int(bad.nonzero()[0, 0])]
+        raise ValueError(f"{int(bad.sum())} image embeddings are not finite (fp16 overflow?), e.g. {first}")
 
     img = image_features(feats, meta.faceness if proto.detector_score else None, norm_fusion=proto.norm_fusion)
     unique_templates, tfeats, has_images = pool_templates(img, meta.templates, meta.medias, ok_np)
@@ -818,7 +837,7 @@ def evaluate_ijb(
     if isinstance(embed_fn, nn.Module):
         embed_fn = make_embed_fn(embed_fn, device=device, batch_size=batch_size)
     meta = load_ijb_meta(root, set_name, meta_dir)
-    dataset = IJBAlignedDataset(meta.image_dir, meta.names, meta.landmarks)
+    dataset = IJBAlignedDataset(meta.image_dir, meta.names, meta.landmarks, proto.interpolation)
     feats, ok = embed_ijb_images(dataset, embed_fn, flip=proto.flip, batch_size=batch_size, num_workers=num_workers)
     if not bool(ok.all()):
         log.warning("%s: %d of %d images failed to decode", meta.image_dir, int((~ok).sum()), len(ok))
