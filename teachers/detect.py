@@ -99,9 +99,17 @@ def detect_architecture(state: Mapping[str, Any], arch: str | None = None, sourc
     are a known family but the blocks per stage match no known depth.
     """
     where = f"{source}: " if source else ""
+    state = {k: v for k, v in state.items() if isinstance(k, str)}  # a pickle may hold any key type
     if arch is not None:
         family, name = parse_arch(arch)
-        prefix = _find_prefix(state, _FAMILIES[family][0]) or ""
+        prefix = _find_prefix(state, _FAMILIES[family][0])
+        if prefix is None:
+            other = [
+                f for f, (marker, _) in _FAMILIES.items() if f != family and _find_prefix(state, marker) is not None
+            ]
+            if other:
+                raise TeacherError(f"{where}arch='{arch}' is an {family} architecture but the keys are {other[0]}'s")
+            prefix = ""  # let the key comparison name what is missing
     else:
         family = name = ""
         prefix = None

@@ -97,7 +97,7 @@ def _from_state_dict(path: Path, state: Mapping[str, Any], container: str, arch:
     if spec is None:
         keys = [str(k) for k in state]
         raise _unrecognised(path, f"a {container} with {len(keys)} entries ({format_keys(keys)}) of no known layout")
-    weights = {k[len(spec.prefix) :]: v for k, v in state.items() if k.startswith(spec.prefix)}
+    weights = {k[len(spec.prefix) :]: v for k, v in state.items() if isinstance(k, str) and k.startswith(spec.prefix)}
     return build_face_teacher(spec, weights, source=str(path), container=container)
 
 

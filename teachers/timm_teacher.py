@@ -106,7 +106,8 @@ def load_timm_hub(folder: Path, arch: str | None = None) -> Teacher:
     else:
         convention = f"RGB, (x01 - mean)/std with mean={list(mean)}, std={list(std)} (converted inside)"
     model_args = config.get("model_args") or {}
-    embed_dim = int(config.get("num_classes") or model_args.get("num_classes") or getattr(model, "num_classes", 0))
+    # num_classes is the embedding size of a face model; 0 (exported without a head) means the pooled features
+    embed_dim = int(config.get("num_classes") or model_args.get("num_classes") or getattr(model, "num_features", 0))
     input_size = _input_size(model, model_args)
     info = {
         "format": "timm_hub",

@@ -27,18 +27,20 @@ class TeacherWrapper(nn.Module):
     The forward runs under ``torch.no_grad`` rather than ``inference_mode``: inference tensors cannot be
     saved for the student's backward pass, and distillation losses use the teacher's output exactly there.
 
-    Precision (measured on CPU autocast, random weights and inputs; ``tests/test_teachers_wrapper.py``
+    Precision (measured with CPU autocast on random weights and inputs; ``tests/test_teachers_wrapper.py``
     asserts the iResNet-18 numbers). bf16 keeps 8 mantissa bits, so every conv, BatchNorm and residual
-    add rounds its output by up to 2**-9; the roundings add up along the depth: the embedding's relative
-    error is ~1.3% for iResNet-18 (cosine to float32 0.99990-0.99992 over seeds, i.e. *at* the 0.9999
-    mark, not safely above it) and ~2% for iResNet-50 (0.9997-0.9998). Random BatchNorm statistics are
-    not the cause: re-estimating them on the inputs (as training would) gives the same cosine, and
-    keeping conv outputs in float32 barely helps (0.99992); rounding only the weights to bf16 already
-    costs 0.99998 (r18) / 0.99994 (r50). So expect cosine ~0.9998 rather than >= 0.9999 for deep bf16
-    teachers -- far below what a distilled student can match, but not bit-faithful. float16 (10 mantissa
-    bits) gives 0.999998 on iResNet-18 and is the faithful low-precision choice for teachers trained under
-    fp16 autocast (arcface_torch's ``fp16=True``, so their activations fit fp16's range); on a model not
-    trained that way fp16 can overflow (random-weight iResNet-50 gives NaN), so check before using it.
+    add rounds its output by up to 2**-9, and the roundings add up along the depth. The embedding's
+    relative error is ~1.3% for iResNet-18: min cosine to float32 0.99990-0.99993 over seeds (one seed
+    of another init gave 0.99989), i.e. *at* the 0.9999 mark, not safely above it; iResNet-50 is ~2%
+    (0.9997-0.9998). Random BatchNorm statistics are not the cause: re-estimating them on the inputs,
+    as training would, gives the same cosine; keeping conv outputs in float32 barely helps (0.99992);
+    rounding only the weights to bf16 already costs 0.99998 (r18) / 0.99994 (r50). So for a deep
+    trained teacher in bf16 expect cosine ~0.9998, not a guaranteed >= 0.9999 (not measurable here
+    without trained weights) -- a gap far smaller than any student's distance to its teacher, but not
+    bit-faithful. float16 (10 mantissa bits) gives 0.999998 on iResNet-18 and is the faithful
+    low-precision choice for teachers trained under fp16 autocast (arcface_torch's ``fp16=True``, so
+    their activations fit fp16's range); a model not trained that way can overflow in fp16 (random
+    iResNet-50 gives NaN), so check first.
     ONNX teachers always run in float32 (onnxruntime ignores autocast).
     """
 
@@ -55,8 +57,10 @@ class TeacherWrapper(nn.Module):
         self.channels_last = channels_last
         if channels_last:
             self.teacher.to(memory_format=torch.channels_last)
-        # kept out of the module tree, so state_dict() has no duplicate "_orig_mod." keys
-        self.__dict__["_run"] = torch.compile(self.teacher) if compile else self.teacher
+        # kept out of the module tree, so state_dict() has no duplicate "_orig_mod." keys; a teacher without
+        # parameters (an onnxruntime session) has nothing to compile
+        has_weights = any(True for _ in self.teacher.parameters())
+        self.__dict__["_run"] = torch.compile(self.teacher) if compile and has_weights else self.teacher
         self.embed_dim: int = int(getattr(module, "embed_dim", 0))
         self.input_size: tuple[int, ...] = tuple(getattr(module, "input_size", (3, 112, 112)))
         self.teacher_info: dict[str, Any] = dict(getattr(module, "teacher_info", {}))

@@ -9,7 +9,6 @@ not from ``teachers``' own modules; outputs are checked against forward passes w
 from __future__ import annotations
 
 import math
-import os
 import pickle
 from collections import Counter
 from pathlib import Path
@@ -22,8 +21,6 @@ from torch import Tensor
 import teachers
 from timmface.cli import main
 from timmface.errors import TeacherError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 WIDTHS = (64, 128, 256, 512)
 IRESNET = {
@@ -360,6 +357,10 @@ def test_arch_override(r18: tuple[Path, dict[str, Tensor]]) -> None:
         teachers.load_teacher(path, arch="iresnet34")
     message = assert_one_line(e)
     assert "iresnet34" in message and "missing" in message and "layer1.2." in message
+    with pytest.raises(
+        TeacherError, match="arch='ir_18' is an adaface_ir architecture but the keys are insightface_iresnet's"
+    ):
+        teachers.load_teacher(path, arch="ir_18")
     with pytest.raises(TeacherError, match="unknown teacher architecture 'resnet9000'"):
         teachers.load_teacher(path, arch="resnet9000")
 
@@ -454,11 +455,17 @@ def test_unrecognised_files_list_supported_formats(tmp_path: Path) -> None:
     text.write_text("hello, not a checkpoint")
     other = tmp_path / "other.pt"
     torch.save({"encoder.weight": torch.zeros(2), "decoder.weight": torch.zeros(2)}, other)
+    int_keys = tmp_path / "int_keys.pt"
+    torch.save({0: torch.zeros(1), "fc.weight": torch.zeros(1)}, int_keys)
+    a_list = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], a_list)
     empty = tmp_path / "empty_dir"
     empty.mkdir()
     for path, found in (
         (text, "bytes starting b'hello"),
         (other, "encoder.weight, decoder.weight"),
+        (int_keys, "2 entries (0, fc.weight)"),
+        (a_list, "a PyTorch file holding list"),
         (empty, "empty folder"),
     ):
         with pytest.raises(TeacherError) as e:

@@ -7,8 +7,8 @@ is the in-memory timm model the weights came from, run on the same batch.
 from __future__ import annotations
 
 import json
-import os
 import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -22,8 +22,6 @@ import students
 import teachers
 from tests.test_teachers import assert_one_line, rgb_batch
 from timmface.errors import TeacherError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 EMBED = 32
 FACE_KWARGS = {"channels": [8, 16, 16, 32], "stem_width": 8}  # a tiny face_resnet18 (stride-1 stem)
@@ -63,7 +61,12 @@ def timmface_checkpoint(model: nn.Module, ema: nn.Module | None, step: int, back
     }
 
 
-def test_timm_hub_folder(tmp_path: Path) -> None:
+def _no_network(*args: object, **kwargs: object) -> None:
+    raise AssertionError(f"network access attempted: {args}")
+
+
+def test_timm_hub_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket.socket, "connect", _no_network)  # local-dir loading must stay offline
     model = student(0, "face_resnet18", **FACE_KWARGS)
     folder = tmp_path / "face_resnet18.cosface_ms1mv3"
     timm.models.save_for_hf(
