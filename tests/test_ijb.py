@@ -352,6 +352,21 @@ def test_score_pairs_methods_agree_with_direct_dot(method: str) -> None:
     torch.testing.assert_close(score_pairs(feats, sorted_i1, i2[order], method=method), out[order])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_scoring_and_roc_on_cuda_match_cpu() -> None:
+    g = torch.Generator().manual_seed(1)
+    feats = torch.nn.functional.normalize(torch.randn(500, 64, generator=g), dim=1)
+    i1, i2 = torch.randint(0, 50, (20_000,), generator=g), torch.randint(0, 500, (20_000,), generator=g)
+    for method in ("gemm", "gather"):
+        cpu = score_pairs(feats, i1, i2, device="cpu", method=method)
+        gpu = score_pairs(feats, i1, i2, device="cuda", method=method)
+        torch.testing.assert_close(gpu, cpu, atol=1e-6, rtol=0)
+    labels = (i1 % 7 == i2 % 7).numpy()
+    for a, b in zip(roc_curve(cpu, labels), roc_curve(cpu, labels, device="cuda")):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_roc_curve_with_ties_by_hand() -> None:
     # sorted: 0.9 P | 0.8 N, 0.8 P (tie: one diagonal step) | 0.7 N | 0.6 P
     scores = np.array([0.8, 0.6, 0.9, 0.7, 0.8])
@@ -494,6 +509,13 @@ def test_make_embed_fn_converts_and_batches(pair: bool) -> None:
     torch.testing.assert_close(out, torch.tensor([[1.0, -1.0, -1.0]]).expand(7, 3))
     out_bf16 = make_embed_fn(ChannelMean(pair), device="cpu", dtype=torch.bfloat16)(images)
     torch.testing.assert_close(out_bf16, out, atol=1e-2, rtol=1e-2)
+
+
+def test_evaluate_ijb_wraps_a_module(ijb: Design) -> None:
+    model = ChannelMean()
+    res = evaluate_ijb(ijb.root, "IJBC", model, protocol="adaface", device="cpu", batch_size=32, num_workers=0)
+    assert model.calls == 2 * 4  # 102 decodable images in 4 batches of up to 32, each with its mirror
+    assert (res.n_pairs, res.n_failed_images) == (120, 4) and set(res.tar_at_far) == set(FARS)
 
 
 def test_dataset_pickles_and_aligns(ijb: Design) -> None:
