@@ -1,0 +1,256 @@
+"""``timmface eval --model SPEC [--bins ...] [--ijb DIR]``: verification accuracy and IJB TAR@FAR of any face model.
+
+SPEC is a timmface run directory or checkpoint (its backbone, EMA weights when present -- exactly what the trainer
+evaluates) or anything :func:`teachers.load_teacher` reads (insightface iResNet ``.pth``, AdaFace ``.ckpt``, a timm
+hub folder, an ONNX file). ``.bin`` sets follow insightface's 10-fold protocol with Accuracy-Flip (``--no-flip``:
+timm-face's published protocol); IJB-B/C follow :mod:`timmface.evaluation.ijb`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from timmface.errors import ConfigError, DataError
+
+__all__ = ["LoadedModel", "add_arguments", "bin_protocol", "default_json_path", "load_model", "run"]
+
+AMP = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to embed: RGB float ``N x 3 x 112 x 112`` in [-1, 1] -> unnormalised ``N x D``."""
+
+    module: nn.Module
+    spec: str
+    info: dict[str, Any]
+    fingerprint: str
+    run_dir: Path | None = None
+    checkpoint: Path | None = None
+    config: dict[str, Any] | None = None
+    """The training config, for timmface runs and checkpoints."""
+
+
+def load_model(spec: str, *, ema: bool = True, arch: str | None = None) -> LoadedModel:
+    """Load SPEC (see the module docstring) in eval mode on the CPU."""
+    from teachers import load_teacher, teacher_fingerprint
+    from timmface.export import is_timmface_checkpoint, load_run_model
+
+    if is_timmface_checkpoint(spec):
+        run = load_run_model(spec, ema=ema)
+        if arch is not None and arch != run.model_config.get("backbone"):
+            raise ConfigError(f"{spec}: holds a '{run.model_config.get('backbone')}' model but --arch {arch} was given")
+        fingerprint = teacher_fingerprint(run.checkpoint) + ("" if run.weights == "ema" else ":model")
+        return LoadedModel(run.backbone, spec, run.info(), fingerprint, run.run_dir, run.checkpoint, run.config)
+    teacher = load_teacher(spec, arch=arch)
+    return LoadedModel(teacher, spec, dict(teacher.teacher_info), teacher_fingerprint(spec))
+
+
+def bin_protocol(flip: bool) -> str:
+    return "insightface 10-fold, " + ("Accuracy-Flip" if flip else "no flip (timm-face)")
+
+
+def default_json_path(loaded: LoadedModel) -> Path:
+    """Next to the model: ``RUN/eval.json``, ``<ckpt>.eval.json``, ``FOLDER/eval.json`` or ``<file>.eval.json``."""
+    if loaded.run_dir is not None:
+        return loaded.run_dir / "eval.json"
+    p = loaded.checkpoint or Path(loaded.spec)
+    if p.is_dir():
+        return p / "eval.json"
+    return p.with_name(p.name.rsplit(".", 1)[0] + ".eval.json")
+
+
+def _run_val_sets(config: dict[str, Any] | None) -> list[Path]:
+    """The verification sets a run was evaluated on: ``data.val_sets``, else the ``*.bin`` beside its data."""
+    data = (config or {}).get("data") or {}
+    if data.get("val_sets"):
+        return [Path(p) for p in data["val_sets"] if Path(p).is_file()]
+    path = Path(data.get("path") or "")
+    return sorted(path.glob("*.bin")) if data.get("path") and path.is_dir() else []
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, metavar="SPEC", help="run directory, checkpoint, teacher file or folder"
+    )
+    parser.add_argument(
+        "--bins",
+        nargs="+",
+        default=[],
+        metavar="FILE.bin",
+        help="verification sets (lfw.bin cfp_fp.bin agedb_30.bin ...); default: a run's own val sets",
+    )
+    parser.add_argument("--ijb", metavar="DIR", help="IJB release folder holding IJBB/ and/or IJBC/")
+    parser.add_argument("--ijb-set", nargs="+", default=["IJBC"], choices=["IJBB", "IJBC"], help="IJB sets (IJBC)")
+    parser.add_argument("--ijb-meta", metavar="DIR", help="folder with the IJB metadata, when not in <set>/meta")
+    parser.add_argument(
+        "--ijb-protocol",
+        choices=["insightface", "adaface", "timm-face"],
+        help="IJB preset (flip, norm fusion, detector score); the flags below adjust it",
+    )
+    parser.add_argument(
+        "--no-flip", action="store_true", help="no flip TTA (timm-face's published protocol) for .bin and IJB"
+    )
+    parser.add_argument(
+        "--norm-fusion",
+        action="store_true",
+        help="IJB: keep image-feature norms when pooling templates (insightface N1)",
+    )
+    parser.add_argument(
+        "--detector-score",
+        action="store_true",
+        help="IJB: weight image features by the detector's faceness score (insightface D1)",
+    )
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=4, help="IJB image decoding/alignment processes")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--amp", choices=sorted(AMP), default="none", help="autocast dtype for the forward passes")
+    parser.add_argument("--no-ema", action="store_true", help="timmface runs: evaluate the live weights, not the EMA")
+    parser.add_argument("--arch", default=None, help="teacher architecture override (e.g. iresnet100)")
+    parser.add_argument("--json", metavar="OUT", help="results file (default: next to the model)")
+
+
+def _ijb_protocol(args: argparse.Namespace) -> Any:
+    from timmface.evaluation.ijb import PROTOCOLS, IJBProtocol
+
+    if args.ijb_protocol:
+        proto = PROTOCOLS[args.ijb_protocol]
+        changes = {"flip": False} if args.no_flip else {}
+        changes.update({"norm_fusion": True} if args.norm_fusion else {})
+        changes.update({"detector_score": True} if args.detector_score else {})
+        return dataclasses.replace(proto, **changes)
+    return IJBProtocol(flip=not args.no_flip, norm_fusion=args.norm_fusion, detector_score=args.detector_score)
+
+
+def _evaluate_bins(model: nn.Module, bins: list[Path], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    from timmface.evaluation.verification import evaluate_bin
+
+    flip = not args.no_flip
+    out = {}
+    for path in bins:
+        r = evaluate_bin(model, path, batch_size=args.batch_size, flip=flip, amp_dtype=AMP[args.amp])
+        out[path.stem] = {
+            "path": str(path),
+            "accuracy": r.accuracy,
+            "std": r.std,
+            "threshold": r.threshold,
+            "fold_accuracies": r.fold_accuracies,
+            "fold_thresholds": r.fold_thresholds,
+            "flip": flip,
+            "protocol": bin_protocol(flip),
+        }
+    return out
+
+
+def _evaluate_ijb(model: nn.Module, device: torch.device, args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
+    from timmface.evaluation.ijb import evaluate_ijb, make_embed_fn, save_roc_png
+
+    proto = _ijb_protocol(args)
+    embed_fn = make_embed_fn(model, device=device, dtype=AMP[args.amp], batch_size=args.batch_size)
+    out = {}
+    for set_name in args.ijb_set:
+        r = evaluate_ijb(
+            args.ijb, set_name, embed_fn, protocol=proto, meta_dir=args.ijb_meta, batch_size=args.batch_size,
+            num_workers=args.workers, device=device,
+        )  # fmt: skip
+        png: str | None = None
+        try:
+            path = json_path.with_name(f"{json_path.stem}_{set_name}_roc.png")
+            save_roc_png(r, path, title=f"ROC on {set_name}")
+            png = str(path)
+        except ImportError:  # matplotlib is the optional extra timmface[plot]
+            print(f"note: no ROC plot for {set_name} (needs matplotlib: pip install 'timmface[plot]')")
+        out[set_name] = {
+            "root": str(args.ijb),
+            "protocol": r.protocol,
+            "flip": proto.flip,
+            "norm_fusion": proto.norm_fusion,
+            "detector_score": proto.detector_score,
+            "tar_at_far": {f"{far:.0e}": tar for far, tar in r.tar_at_far.items()},
+            "auc": r.auc,
+            "n_images": r.n_images,
+            "n_failed_images": r.n_failed_images,
+            "n_templates": r.n_templates,
+            "n_pairs": r.n_pairs,
+            "n_pairs_excluded": r.n_pairs_excluded,
+            "roc_png": png,
+        }
+    return out
+
+
+def _print_tables(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if results["bins"]:
+        table = Table(title=f"verification: {results['model']}")
+        for col in ("set", "accuracy (%)", "threshold", "protocol"):
+            table.add_column(col, justify="right" if col in ("accuracy (%)", "threshold") else "left")
+        for name, r in results["bins"].items():
+            acc = f"{100 * r['accuracy']:.2f} ± {100 * r['std']:.2f}"
+            table.add_row(name, acc, f"{r['threshold']:.3f}", r["protocol"])
+        console.print(table)
+    if results["ijb"]:
+        fars = next(iter(results["ijb"].values()))["tar_at_far"]
+        table = Table(title="IJB 1:1 verification, TAR (%) at FAR")
+        table.add_column("set")
+        for far in fars:
+            table.add_column(far, justify="right")
+        table.add_column("protocol")
+        for name, r in results["ijb"].items():
+            table.add_row(name, *(f"{100 * v:.2f}" for v in r["tar_at_far"].values()), r["protocol"])
+        console.print(table)
+
+
+def _write_json(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{path}: cannot write the results ({e.strerror}); choose another --json") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from timmface.trainer import pick_device
+
+    bins = [Path(b) for b in args.bins]
+    for b in bins:
+        if not b.is_file():
+            raise DataError(f"{b}: verification set not found")
+    loaded = load_model(args.model, ema=not args.no_ema, arch=args.arch)
+    if not bins and not args.ijb:
+        bins = _run_val_sets(loaded.config)
+        if not bins:
+            raise ConfigError("nothing to evaluate: give --bins FILE.bin ... and/or --ijb DIR")
+        print(f"evaluating the run's verification sets: {', '.join(str(b) for b in bins)}")
+    device = pick_device(args.device)
+    model = loaded.module.to(device).eval()
+    json_path = Path(args.json) if args.json else default_json_path(loaded)
+    results: dict[str, Any] = {
+        "model": loaded.spec,
+        "model_info": loaded.info,
+        "fingerprint": loaded.fingerprint,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "amp": args.amp,
+        "bins": _evaluate_bins(model, bins, args),
+        "ijb": _evaluate_ijb(model, device, args, json_path) if args.ijb else {},
+    }
+    _print_tables(results)
+    _write_json(json_path, results)
+    print(f"results written to {json_path}")
+    return 0

@@ -1,0 +1,37 @@
+"""``timmface export RUN_OR_CKPT --out DIR [--onnx] [--push-to-hub OWNER/NAME]``: a run's backbone as a hub folder."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="RUN_OR_CKPT", help="run directory (newest checkpoint) or checkpoint file")
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="folder to write (config.json, model.safetensors, README.md)"
+    )
+    parser.add_argument(
+        "--onnx", action="store_true", help="also write model.onnx (dynamic batch), checked with onnxruntime"
+    )
+    parser.add_argument("--push-to-hub", metavar="OWNER/NAME", help="upload the folder to this Hugging Face model repo")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--no-ema", action="store_true", help="export the live weights even when the run has an EMA")
+
+
+def run(args: argparse.Namespace) -> int:
+    from timmface.export import export_run
+
+    result = export_run(
+        args.source, args.out, onnx=args.onnx, overwrite=args.overwrite, ema=not args.no_ema,
+        push_to_hub=args.push_to_hub, private=args.private,
+    )  # fmt: skip
+    print(f"exported {result.checkpoint} ({result.weights} weights) -> {result.folder}: {', '.join(result.files)}")
+    print(f"checked: timm.create_model('local-dir:{result.folder}') reproduces it (cosine {result.reload_cosine:.6f})")
+    if result.onnx_max_diff is not None:
+        print(f"checked: model.onnx matches PyTorch under onnxruntime (max abs difference {result.onnx_max_diff:.1e})")
+    if result.url:
+        print(f"uploaded to {result.url}")
+    return 0
