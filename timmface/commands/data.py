@@ -1,0 +1,70 @@
+"""``timmface data``: pack an image folder into RecordIO, inspect a dataset or a verification .bin."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    pack = sub.add_parser(
+        "pack",
+        help="pack IMAGE_FOLDER/<identity>/<image> into an InsightFace RecordIO folder",
+        description="Pack IMAGE_FOLDER/<identity>/<image> into OUT_DIR (train.rec, train.idx, property). "
+        "JPEGs of the target size are copied byte for byte; others are re-encoded (and resized).",
+    )
+    pack.add_argument("image_folder", metavar="IMAGE_FOLDER")
+    pack.add_argument("out_dir", metavar="OUT_DIR")
+    pack.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images (default 95)")
+    pack.add_argument("--size", type=int, default=112, help="image height and width (default 112)")
+    pack.add_argument("--no-resize", action="store_true", help="refuse images of another size instead of resizing")
+    pack.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    inspect = sub.add_parser(
+        "inspect",
+        help="counts of a RecordIO folder, an image folder or a .bin file",
+        description="Print image and identity counts; optionally write a PNG grid of a few identities.",
+    )
+    inspect.add_argument("path", metavar="PATH")
+    inspect.add_argument("--grid", metavar="FILE", default=None, help="write a PNG grid of a few identities")
+    inspect.add_argument("--json", action="store_true", help="print the counts as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from timmface.data.tools import inspect_dataset, pack_image_folder
+
+    console = Console()
+    if args.data_command == "pack":
+        with console.status(f"packing {args.image_folder}") as status:
+            info = pack_image_folder(
+                args.image_folder,
+                args.out_dir,
+                quality=args.quality,
+                image_size=(args.size, args.size),
+                resize=not args.no_resize,
+                overwrite=args.overwrite,
+                progress=lambda i, n: status.update(f"packing {args.image_folder}: {i}/{n}") if i % 1000 == 0 else None,
+            )
+        console.print(
+            f"[bold]{info['out_dir']}[/bold]: {info['images']} images of {info['identities']} identities "
+            f"({info['copied']} copied, {info['reencoded']} re-encoded, {info['resized']} resized, "
+            f"{info['skipped']} skipped)",
+            soft_wrap=True,
+        )
+        return 0
+    info = inspect_dataset(args.path, grid_png=args.grid)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    table = Table(title=str(info["path"]), show_header=False)
+    for key, value in info.items():
+        if key == "path":
+            continue
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        table.add_row(key.replace("_", " "), str(value))
+    console.print(table)
+    return 0
