@@ -530,15 +530,15 @@ def _as_index(idx: np.ndarray | Tensor) -> Tensor:
 
 
 def pick_scoring_method(idx1: np.ndarray | Tensor, idx2: np.ndarray | Tensor, n_templates: int) -> str:
-    """``"gemm"`` when the distinct first x second templates are at most 16x the pairs, else ``"gather"``.
+    """``"gemm"`` when (distinct first templates) x (distinct second templates) <= 32 x pairs, else ``"gather"``.
 
-    16: on this project's CPU and on GPUs a GEMM multiply-add costs well under 1/16 of a gathered-row one (the
-    benchmark ``benchmarks/ijb_scoring.py`` prints both methods).
+    A row dot inside a GEMM costs far less than one of gathered rows (BLAS vs memory-bound): on this project's 2-core
+    CPU the GEMM still won 2.5x with U1 * U2 = 25 P (``benchmarks/ijb_scoring.py --layout random`` prints both).
     """
     i1, i2 = _as_index(idx1).cpu(), _as_index(idx2).cpu()
     u1 = int((torch.bincount(i1, minlength=n_templates) > 0).sum())
     u2 = int((torch.bincount(i2, minlength=n_templates) > 0).sum())
-    return "gemm" if u1 * u2 <= 16 * len(i1) else "gather"
+    return "gemm" if u1 * u2 <= 32 * len(i1) else "gather"
 
 
 def score_pairs(
@@ -556,9 +556,10 @@ def score_pairs(
     Two exact strategies: ``"gather"`` dots the two gathered rows of each chunk of pairs (the reference's approach, P*D
     memory-bound work); ``"gemm"`` groups the pairs by their first template and computes, per block of first
     templates, the matrix of similarities to every template that appears second, then picks the pairs out (U1*U2*D
-    compute-bound work). IJB's pairs join ~3.5k (IJB-C) first templates to ~20k second ones, so the GEMM does 4x
-    more multiply-adds than there are pair entries but at BLAS speed. ``"auto"`` takes the GEMM when
-    ``U1 * U2 <= 16 * P``.
+    compute-bound work). IJB's first column has few distinct templates (IJB-B: 1,845 against 10,270, as insightface's
+    ``ijb_evals.py`` prints; IJB-C presumably its 3,531 gallery templates against 19,593), so the GEMM does ~3-5x more
+    multiply-adds than there are pairs, but at BLAS speed. ``"auto"`` takes the GEMM when
+    ``U1 * U2 <= 32 * P`` (:func:`pick_scoring_method`).
 
     Args:
         template_feats: (T, D) unit rows.
