@@ -52,6 +52,7 @@ FACE_DATA_CONFIG: dict[str, Any] = {
 _SOURCE_FIELDS = ("tag", "license", "hf_hub_id", "hf_hub_filename", "url", "file", "source", "state_dict",
                   "test_input_size", "test_crop_pct", "test_pool_size", "label_names", "label_descriptions", "notes",
                   "paper_ids", "paper_name", "origin_url")  # fmt: skip
+_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 ONNX_EXTRA = "pip install 'timmface[onnx]'"
 
@@ -109,9 +110,10 @@ def find_checkpoint(source: str | os.PathLike) -> tuple[Path, Path | None]:
         path = path.parent
     found = list_checkpoints(path)
     if not found:
-        flat = sorted(path.glob("step_*.pt"))  # checkpoints copied out of their run, as teachers accept them
+        # checkpoints copied out of their run, as teachers accept them
+        flat = sorted((int(m.group(1)), p) for p in path.glob("step_*.pt") if (m := _STEP_FILE.match(p.name)))
         if flat:
-            return flat[-1], None
+            return flat[-1][1], None
         raise CheckpointError(f"{path}: no checkpoint in this run directory (expected checkpoints/step_XXXXXXXX.pt)")
     return found[-1][1], path
 

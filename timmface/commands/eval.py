@@ -61,13 +61,14 @@ def bin_protocol(flip: bool) -> str:
 
 
 def default_json_path(loaded: LoadedModel) -> Path:
-    """Next to the model: ``RUN/eval.json``, ``<ckpt>.eval.json``, ``FOLDER/eval.json`` or ``<file>.eval.json``."""
+    """Next to the model: ``RUN/eval.json``, ``FOLDER/eval.json``, or ``<file>.eval.json`` beside a file (a
+    checkpoint of a run included: an older checkpoint must not overwrite the run's own results)."""
+    p = Path(loaded.spec)
+    if p.is_file():
+        return p.with_name(p.name.rsplit(".", 1)[0] + ".eval.json")
     if loaded.run_dir is not None:
         return loaded.run_dir / "eval.json"
-    p = loaded.checkpoint or Path(loaded.spec)
-    if p.is_dir():
-        return p / "eval.json"
-    return p.with_name(p.name.rsplit(".", 1)[0] + ".eval.json")
+    return p / "eval.json"
 
 
 def _run_val_sets(config: dict[str, Any] | None) -> list[Path]:
@@ -111,6 +112,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="IJB: weight image features by the detector's faceness score (insightface D1)",
     )
+    parser.add_argument(
+        "--ijb-interpolation",
+        choices=["bilinear", "bicubic"],
+        help="IJB alignment resampling (default: the preset's, else bilinear as insightface)",
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=4, help="IJB image decoding/alignment processes")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -121,15 +127,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _ijb_protocol(args: argparse.Namespace) -> Any:
+    """The preset of ``--ijb-protocol`` (or flip + L2-normalised images + no detector score), adjusted by the flags."""
     from timmface.evaluation.ijb import PROTOCOLS, IJBProtocol
 
-    if args.ijb_protocol:
-        proto = PROTOCOLS[args.ijb_protocol]
-        changes = {"flip": False} if args.no_flip else {}
-        changes.update({"norm_fusion": True} if args.norm_fusion else {})
-        changes.update({"detector_score": True} if args.detector_score else {})
-        return dataclasses.replace(proto, **changes)
-    return IJBProtocol(flip=not args.no_flip, norm_fusion=args.norm_fusion, detector_score=args.detector_score)
+    proto = PROTOCOLS[args.ijb_protocol] if args.ijb_protocol else IJBProtocol(norm_fusion=False, detector_score=False)
+    changes: dict[str, Any] = {"flip": False} if args.no_flip else {}
+    changes.update({"norm_fusion": True} if args.norm_fusion else {})
+    changes.update({"detector_score": True} if args.detector_score else {})
+    if args.ijb_interpolation:
+        changes["interpolation"] = args.ijb_interpolation
+    return dataclasses.replace(proto, **changes)
 
 
 def _evaluate_bins(model: nn.Module, bins: list[Path], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
