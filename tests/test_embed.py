@@ -336,3 +336,26 @@ def test_build_cache_api_with_an_onnx_teacher(toy: Path, teacher: Path, tmp_path
     for j, flip in enumerate([False, True]):
         want = direct(torch_model, ds[3][0], flip=flip)
         torch.testing.assert_close(got[j], want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
+
+
+def test_cache_of_an_image_folder_and_its_fingerprint(teacher: Path, tmp_path: Path, capsys):
+    import pickle
+
+    from timmface.data.folder import ImageFolderDataset
+
+    faces = tmp_path / "faces"
+    _write_pngs(faces)
+    out = tmp_path / "f.tfemb"
+    # progress on: without a terminal it prints plain lines (what a batch job's log shows)
+    assert main(["embed", "--model", str(teacher), "--data", str(faces), "--out", str(out), "--workers", "0"]) == 0
+    assert "teacher cache: 6/6 (100.0%)" in capsys.readouterr().out
+    ds = ImageFolderDataset(faces)
+    with EmbeddingCache.open(out) as c:
+        assert c.complete and c.meta["dataset"]["num_classes"] == 3
+        c.check(dataset_fingerprint=dataset_fingerprint(ds))
+        clone = pickle.loads(pickle.dumps(c))  # DataLoader workers get a handle, not the rows
+        assert len(pickle.dumps(c)) < 4096 and torch.equal(clone.lookup([2], [True]), c.lookup([2], [True]))
+    shutil.copytree(faces, tmp_path / "copy")
+    assert dataset_fingerprint(ImageFolderDataset(tmp_path / "copy")) == dataset_fingerprint(ds)
+    (tmp_path / "copy" / "id2" / "1.png").write_bytes((faces / "id0" / "0.png").read_bytes())  # other contents
+    assert dataset_fingerprint(ImageFolderDataset(tmp_path / "copy")) != dataset_fingerprint(ds)

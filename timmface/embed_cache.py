@@ -539,19 +539,58 @@ class FillReport:
     seconds: float = 0.0
 
 
-def _progress_bar(enabled: bool, total: int, done: int, label: str) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+class _Progress:
+    """A rich progress bar on a terminal; on a pipe or a log file (a batch job), one plain line every ``every`` s."""
 
-    bar = Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[rate]}"),
-        disable=not enabled,
-    )
-    task = bar.add_task(label, total=total, completed=done, rate="")
-    return bar, task
+    def __init__(self, enabled: bool, total: int, done: int, label: str, every: float = 30.0) -> None:
+        import sys
+
+        self.total, self.done, self.label, self.every = total, done, label, every
+        self.mode = ("rich" if sys.stdout.isatty() else "plain") if enabled else "off"
+        self.t0 = self.last = time.perf_counter()
+        self.start = done
+        self._bar: Any = None
+        if self.mode == "rich":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn(f"[bold]{label}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[rate]}"),
+            )
+            self._task = self._bar.add_task(label, total=total, completed=done, rate="")
+            self._bar.start()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        rate = (self.done - self.start) / max(now - self.t0, 1e-9)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done, rate=f"{rate:.0f} img/s")
+        elif self.mode == "plain" and (now - self.last >= self.every or self.done >= self.total):
+            self.last = now
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            print(f"{self.label}: {self.done}/{self.total} ({100 * self.done / self.total:.1f}%), {rate:.0f} img/s, "
+                  f"eta {eta / 60:.1f} min", flush=True)  # fmt: skip
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def _checked_rows(rows: Tensor, dtype: str, indices: np.ndarray, out: Path) -> np.ndarray:
+    """``rows`` in the file's dtype; DataError if a value is not finite there (float16 overflows above 65504)."""
+    arr = rows.cpu().numpy().astype(_DTYPES[dtype])
+    bad = ~np.isfinite(arr).reshape(len(arr), -1).all(1)
+    if bad.any():
+        raise DataError(
+            f"{out}: the model's embedding of record {int(indices[np.argmax(bad)])} is not finite in {dtype} "
+            f"(max |value| {float(rows.abs().max()):.3g}); check the model (or its --amp precision)"
+        )
+    return arr
 
 
 def _open_or_create(
@@ -559,7 +598,10 @@ def _open_or_create(
 ) -> dict[str, Any]:
     """The header of ``out``: the existing file's when it matches the request and ``resume``, else a new file's."""
     if resume and out.exists():
-        old = _read_header(out)
+        try:
+            old = _read_header(out)
+        except DataError as e:
+            raise DataError(f"{e}; pass --overwrite to replace it, or choose another --out") from None
         want = {
             "num_records": num_records,
             "dim": dim,
@@ -621,24 +663,21 @@ def fill_embeddings(
         todo = existing.missing()
     report = FillReport(out, n, skipped=n - len(todo))
     writer = _RowWriter(out, header)
-    bar, task = _progress_bar(progress and len(todo) > 0, n, n - len(todo), label)
+    bar = _Progress(progress and len(todo) > 0, n, n - len(todo), label)
     try:
-        with bar:
-            for indices, images, bad in _batches(dataset, todo, image_size, batch_size, num_workers):
-                report.bad.extend(bad)
-                if images is not None:
-                    rows = embed_batch(model, images, views, dev, amp_dtype)
-                    if rows.shape[1:] != (len(views), dim):
-                        raise DataError(
-                            f"the model returned rows of shape {tuple(rows.shape[1:])}, expected {(len(views), dim)}"
-                        )
-                    writer.write(indices, rows.cpu().numpy())
-                    report.written += len(indices)
-                elapsed = time.perf_counter() - t0
-                bar.update(
-                    task, advance=len(indices) + len(bad), rate=f"{report.written / max(elapsed, 1e-9):.0f} img/s"
-                )
+        for indices, images, bad in _batches(dataset, todo, image_size, batch_size, num_workers):
+            report.bad.extend(bad)
+            if images is not None:
+                rows = embed_batch(model, images, views, dev, amp_dtype)
+                if rows.shape[1:] != (len(views), dim):
+                    raise DataError(
+                        f"the model returned rows of shape {tuple(rows.shape[1:])}, expected {(len(views), dim)}"
+                    )
+                writer.write(indices, _checked_rows(rows, dtype, indices, out))
+                report.written += len(indices)
+            bar.update(len(indices) + len(bad))
     finally:
+        bar.close()
         writer.close()
         report.seconds = time.perf_counter() - t0
     return report
@@ -665,8 +704,8 @@ def build_cache(
 
     With ``resume`` an existing cache for the same dataset and teacher is completed (only rows with ``done == 0`` are
     computed); one for another dataset or teacher is refused (DataError). ``resume=False`` starts a new file.
-    Records that fail to decode stay missing; they are reported (when ``progress``) and listed by
-    :meth:`EmbeddingCache.missing`.
+    Records that fail to decode stay missing (``done = 0``): :meth:`EmbeddingCache.missing` lists them (``timmface
+    embed`` prints their keys).
     """
     meta = {
         "dataset": {
@@ -681,15 +720,11 @@ def build_cache(
             "info": dict(teacher_info or {}),
         },
     }
-    report = fill_embeddings(
+    fill_embeddings(
         model, dataset, out, meta=meta, views=CACHE_VIEWS, dtype="float16", batch_size=batch_size, device=device,
         amp_dtype=amp_dtype, num_workers=num_workers, image_size=image_size, progress=progress, resume=resume,
         label="teacher cache",
     )  # fmt: skip
-    if progress and report.bad:
-        keys = ", ".join(str(k) for _, k, _ in report.bad[:10])
-        more = f" (+{len(report.bad) - 10} more)" if len(report.bad) > 10 else ""
-        print(f"{out}: {len(report.bad)} records failed to decode and are left missing: keys {keys}{more}", flush=True)
     return Path(out)
 
 
@@ -745,10 +780,10 @@ def write_embeddings(
         meta = {"format": FORMAT, "keys": "int64" if _int_keys(keys) else "utf8", **(metadata or {})}
         atomic(out, lambda p: save_file(tensors, str(p), metadata=meta))
     elif out.suffix == ".npy":
-        atomic(out, lambda p: _save_npy(p, embeddings))
-        text = "".join(f"{k}\n" for k in keys.tolist())
         if any("\n" in str(k) for k in keys.tolist()):
             raise DataError(f"{out}: a key holds a newline; write .safetensors instead")
+        text = "".join(f"{k}\n" for k in keys.tolist())
+        atomic(out, lambda p: _save_npy(p, embeddings))
         atomic(out.with_name(out.stem + ".keys.txt"), lambda p: p.write_text(text, encoding="utf-8"))
         if labels is not None:
             atomic(out.with_name(out.stem + ".labels.npy"), lambda p: _save_npy(p, np.asarray(labels, dtype=np.int64)))
