@@ -4,6 +4,13 @@ A run directory holds ``checkpoints/step_XXXXXXXX.pt``. Each file is written to 
 name in the same folder, flushed to disk and renamed, so a crash (or a full disk) never leaves a
 half-written checkpoint under the real name; old checkpoints are pruned only after the new one is
 complete. Reads use ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+
+A multi-rank run (or one with sharded class centres) also writes one file per rank,
+``step_XXXXXXXX.shard{r}of{W}.pt``, holding what differs between ranks: the RNG state and, with
+``head.sharded``, that rank's class centres and their optimiser state (``head_rows``). Every rank
+writes its file, the ranks meet at a barrier, then rank 0 writes ``step_XXXXXXXX.pt`` (everything
+replicated; ``rank_files: W`` names how many shard files belong to it). A step is complete when the
+main file and all ``W`` shard files exist; listing, pruning and ``resume=auto`` only see complete steps.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from timmface.errors import CheckpointError
 FORMAT = "timmface"
 VERSION = 1
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
+_SHARD = re.compile(r"^step_(\d{8,})\.shard(\d+)of(\d+)\.pt$")
 _PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -29,17 +37,53 @@ def checkpoint_path(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"step_{step:08d}.pt"
 
 
-def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of the complete checkpoints of a run, oldest first."""
-    folder = Path(output_dir) / "checkpoints"
+def shard_path(output_dir: str | Path, step: int, rank: int, world_size: int) -> Path:
+    """``checkpoints/step_XXXXXXXX.shard{rank}of{world_size}.pt``: rank ``rank``'s own state."""
+    return Path(output_dir) / "checkpoints" / f"step_{step:08d}.shard{rank}of{world_size}.pt"
+
+
+def _scan(folder: Path) -> tuple[dict[int, Path], dict[int, dict[int, set[int]]]]:
+    """Main files by step, and shard ranks present by step and world size."""
+    mains: dict[int, Path] = {}
+    shards: dict[int, dict[int, set[int]]] = {}
     if not folder.is_dir():
-        return []
-    found = []
+        return mains, shards
     for p in folder.iterdir():
-        m = _NAME.match(p.name)
-        if m and p.is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+        if m := _NAME.match(p.name):
+            if p.is_file():
+                mains[int(m.group(1))] = p
+        elif m := _SHARD.match(p.name):
+            step, rank, world = int(m.group(1)), int(m.group(2)), int(m.group(3))
+            shards.setdefault(step, {}).setdefault(world, set()).add(rank)
+    return mains, shards
+
+
+def _complete(groups: dict[int, set[int]] | None) -> bool:
+    """No shard files at all, or one world size with every rank's file."""
+    return not groups or any(ranks >= set(range(world)) for world, ranks in groups.items())
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path of the main file)`` of the complete checkpoints of a run, oldest first."""
+    mains, shards = _scan(Path(output_dir) / "checkpoints")
+    return sorted((step, p) for step, p in mains.items() if _complete(shards.get(step)))
+
+
+def checkpoint_shards(path: str | Path, ckpt: Mapping[str, Any]) -> list[Path]:
+    """The per-rank files that belong to the main checkpoint ``path`` (empty when it has none);
+    CheckpointError when one is missing."""
+    path = Path(path)
+    world = int(ckpt.get("rank_files") or 0)
+    m = _NAME.match(path.name)
+    if world == 0 or not m:
+        return []
+    files = [path.with_name(f"step_{m.group(1)}.shard{r}of{world}.pt") for r in range(world)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{path}: incomplete checkpoint: {len(missing)} of {world} rank files missing ({missing[0]})"
+        )
+    return files
 
 
 def clean_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -84,18 +128,49 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise CheckpointError(f"{path}: could not write checkpoint ({e.__class__.__name__}: {e})") from e
 
 
-def save_checkpoint(state: dict[str, Any], output_dir: str | Path, step: int, keep_last: int = 3) -> Path:
-    """Write ``state`` as the step's checkpoint, then prune all but the newest ``keep_last``."""
+def save_checkpoint(
+    state: dict[str, Any], output_dir: str | Path, step: int, keep_last: int = 3, rank_files: int = 0
+) -> Path:
+    """Write ``state`` as the step's main checkpoint, then prune all but the newest ``keep_last``.
+
+    ``rank_files``: how many ``shard{r}of{W}`` files (already written) belong to this step; files of
+    the same step left by a run at another world size are removed first, so they cannot be mistaken
+    for this checkpoint's.
+    """
     path = checkpoint_path(output_dir, step)
-    atomic_save({"format": FORMAT, "version": VERSION, "step": step, **state}, path)
+    _, shards = _scan(path.parent)
+    for world in shards.get(step, {}):
+        if world != rank_files:
+            for r in range(world):
+                shard_path(output_dir, step, r, world).unlink(missing_ok=True)
+    atomic_save({"format": FORMAT, "version": VERSION, "step": step, "rank_files": rank_files, **state}, path)
     prune_checkpoints(output_dir, keep_last)
     return path
 
 
+def save_shard(state: dict[str, Any], output_dir: str | Path, step: int, rank: int, world_size: int) -> Path:
+    """Write rank ``rank``'s own state for ``step`` (call on every rank before the main file is written)."""
+    path = shard_path(output_dir, step, rank, world_size)
+    header = {"format": FORMAT, "version": VERSION, "step": step, "rank": rank, "world_size": world_size}
+    atomic_save({**header, **state}, path)
+    return path
+
+
 def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
-    for _, p in list_checkpoints(output_dir)[:-keep_last]:
-        p.unlink(missing_ok=True)
+    """Keep the newest ``keep_last`` complete checkpoints; delete older steps' files, complete or not
+    (a step older than the newest complete one that is incomplete was left by a crash)."""
     folder = Path(output_dir) / "checkpoints"
+    mains, shards = _scan(folder)
+    complete = [s for s, _ in list_checkpoints(output_dir)]
+    if complete:
+        keep = set(complete[-keep_last:])
+        for step in set(mains) | set(shards):
+            if step < complete[-1] and step not in keep:
+                if step in mains:
+                    mains[step].unlink(missing_ok=True)
+                for world, ranks in shards.get(step, {}).items():
+                    for r in ranks:
+                        shard_path(output_dir, step, r, world).unlink(missing_ok=True)
     if folder.is_dir():  # temporary files left by a process killed mid-write
         for p in folder.glob(".step_*.pt.tmp*"):
             pid = p.name.rsplit("tmp", 1)[-1]
@@ -113,13 +188,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a timmface checkpoint (weights only); CheckpointError with one line if it cannot be used."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+def _torch_load(path: Path, mmap: bool = False) -> Any:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         text = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
@@ -128,11 +199,99 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                 "(loading it could run code)"
             ) from e
         raise CheckpointError(f"{path}: not a readable checkpoint ({e.__class__.__name__}: {text[:200]})") from e
+
+
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Read a timmface checkpoint (weights only); CheckpointError with one line if it cannot be used.
+
+    ``mmap``: map the file instead of reading it (tensors are paged in when touched).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    obj = _torch_load(path, mmap)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a timmface training checkpoint (no 'format: {FORMAT}' entry)")
     if int(obj.get("version", 0)) > VERSION:
         raise CheckpointError(f"{path}: checkpoint version {obj['version']} is newer than this timmface ({VERSION})")
     return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# Row-sharded class centres: read any row range, whatever world size wrote them
+# --------------------------------------------------------------------------------------------------
+
+
+def _row_entries(state: Mapping[str, Any], shape: tuple[int, ...]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and tuple(v.shape) == shape}
+
+
+def read_head_rows(
+    path: str | Path, ckpt: Mapping[str, Any], start: int, count: int, optim_index: int | None = None
+) -> tuple[torch.Tensor, dict[str, Any] | None]:
+    """Class centres ``[start, start + count)`` (``count x D``) and their optimiser state, from a checkpoint.
+
+    Works for a checkpoint with the full head (``head.weight`` ``C x D``; its optimiser state at
+    ``optim_index``) and for a sharded one (rows spread over the rank files, read memory-mapped so a
+    rank touches only the rows it needs). Optimiser entries shaped like the weight are sliced by
+    rows; the others (AdamW's ``step``) are the same on every rank and taken once.
+    """
+    head = ckpt.get("head") or {}
+    sharding = ckpt.get("sharding")
+    if "weight" in head:  # the full matrix is in the main file
+        weight = head["weight"]
+        state = (ckpt.get("optimizer") or {}).get("state", {}).get(optim_index) if optim_index is not None else None
+        optim = None
+        if state is not None:
+            rows = _row_entries(state, tuple(weight.shape))
+            optim = {k: (v[start : start + count].clone() if k in rows else v) for k, v in state.items()}
+        return weight[start : start + count].clone(), optim
+    if not sharding:
+        raise CheckpointError(f"{path}: checkpoint holds no class centres")
+    weight_out: torch.Tensor | None = None
+    optim_out: dict[str, Any] | None = None
+    for shard_file in checkpoint_shards(path, ckpt):
+        shard = load_checkpoint(shard_file, mmap=True)
+        rows = shard.get("head_rows")
+        if rows is None:
+            raise CheckpointError(f"{shard_file}: rank file holds no class centres")
+        s, n = int(rows["start"]), int(rows["count"])
+        if weight_out is None:
+            weight_out = rows["weight"].new_empty(count, rows["weight"].shape[1])
+        lo, hi = max(start, s), min(start + count, s + n)
+        if lo < hi:
+            weight_out[lo - start : hi - start] = rows["weight"][lo - s : hi - s]
+        state = rows.get("optim")
+        if state is not None:
+            sharded = _row_entries(state, tuple(rows["weight"].shape))
+            if optim_out is None:
+                optim_out = {
+                    k: (v.new_empty(count, *v.shape[1:]) if k in sharded else v.clone()) for k, v in state.items()
+                }
+            for k in sharded:
+                if lo < hi:
+                    optim_out[k][lo - start : hi - start] = state[k][lo - s : hi - s]
+    assert weight_out is not None
+    return weight_out, optim_out
+
+
+def merge_checkpoint(path: str | Path, ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A sharded checkpoint as one plain checkpoint: ``head.weight`` ``C x D`` and its optimiser state
+    merged back in place (``rank_files: 0``, ``sharding: None``). A plain checkpoint is returned as is."""
+    path = Path(path)
+    ckpt = dict(load_checkpoint(path) if ckpt is None else ckpt)
+    sharding = ckpt.get("sharding")
+    if not sharding:
+        return ckpt
+    num_classes = int(sharding["num_classes"])
+    weight, optim = read_head_rows(path, ckpt, 0, num_classes)
+    ckpt["head"] = {**(ckpt.get("head") or {}), "weight": weight}
+    if optim is not None:
+        optimizer = dict(ckpt["optimizer"])
+        optimizer["state"] = {**optimizer["state"], int(sharding["optim_index"]): optim}
+        ckpt["optimizer"] = optimizer
+    ckpt.update(sharding=None, rank_files=0, merged_from={"world_size": int(sharding["world_size"])})
+    return ckpt
 
 
 def load_resume(resume: str, output_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
@@ -146,7 +305,9 @@ def load_resume(resume: str, output_dir: str | Path) -> tuple[Path, dict[str, An
     if resume == "auto":
         for _, path in reversed(list_checkpoints(output_dir)):
             try:
-                return path, load_checkpoint(path)
+                ckpt = load_checkpoint(path)
+                checkpoint_shards(path, ckpt)  # every rank file present
+                return path, ckpt
             except CheckpointError as e:
                 warnings.warn(f"skipping unreadable checkpoint: {e}", stacklevel=2)
         return None
@@ -156,4 +317,6 @@ def load_resume(resume: str, output_dir: str | Path) -> tuple[Path, dict[str, An
         if not found:
             raise CheckpointError(f"{p}: resume folder holds no checkpoints/step_*.pt")
         p = found[-1][1]
-    return p, load_checkpoint(p)
+    ckpt = load_checkpoint(p)
+    checkpoint_shards(p, ckpt)
+    return p, ckpt

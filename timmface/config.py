@@ -195,6 +195,10 @@ class Config:
     amp: str = "bfloat16"
     """bfloat16 | float16 | none."""
     compile: bool = False
+    """torch.compile the student backbone (before DDP wraps it)."""
+    compile_fullgraph: bool = True
+    """With ``compile``: first try one graph (``fullgraph=True``); a model with graph breaks falls back
+    to ``fullgraph=False`` with a one-line warning. ``false`` skips the attempt."""
     device: str = "auto"
     """auto (CUDA when present, else CPU) | cpu | cuda | cuda:N."""
     deterministic: bool = False

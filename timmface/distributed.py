@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from torch import Tensor
 __all__ = [
     "WorldInfo",
     "world_info_from_env",
+    "slurm_rendezvous_env",
     "init_distributed",
     "is_distributed",
     "rank",
@@ -27,6 +29,7 @@ __all__ = [
     "all_gather_concat",
     "broadcast_object",
     "all_reduce_max",
+    "all_reduce_sum_",
 ]
 
 
@@ -59,7 +62,7 @@ def _first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
-def world_info_from_env(env: dict[str, str] | None = None) -> WorldInfo:
+def world_info_from_env(env: Mapping[str, str] | None = None) -> WorldInfo:
     """Rank, local rank and world size from torchrun's or SLURM's environment variables."""
     env = dict(os.environ if env is None else env)
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -69,17 +72,29 @@ def world_info_from_env(env: dict[str, str] | None = None) -> WorldInfo:
     return WorldInfo()
 
 
+def slurm_rendezvous_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The ``env://`` variables an ``srun`` task needs, from SLURM's: ``MASTER_ADDR`` (the first host
+    of the step's node list), ``MASTER_PORT`` (29500 + job id mod 1000, so concurrent jobs on one node
+    differ), ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``. The caller keeps values that are already set."""
+    info = world_info_from_env(env)
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    return {
+        "MASTER_ADDR": _first_slurm_host(nodelist or "127.0.0.1"),
+        "MASTER_PORT": str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000),
+        "RANK": str(info.rank),
+        "WORLD_SIZE": str(info.world_size),
+        "LOCAL_RANK": str(info.local_rank),
+    }
+
+
 def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> WorldInfo:
     """Join the process group when launched by torchrun or srun; a no-op for a single process."""
     info = world_info_from_env()
     if not info.distributed or dist.is_initialized():
         return info
     if info.source == "slurm":
-        os.environ.setdefault("MASTER_ADDR", _first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
-        os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
-        os.environ.setdefault("RANK", str(info.rank))
-        os.environ.setdefault("WORLD_SIZE", str(info.world_size))
-        os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+        for key, value in slurm_rendezvous_env(os.environ).items():
+            os.environ.setdefault(key, value)
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {}
     if device.type == "cuda":
@@ -112,6 +127,13 @@ def all_reduce_max(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
+
+
+def all_reduce_sum_(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over all ranks, in place (a no-op for a single process); returns it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
 
 
 def all_gather_concat(tensor: Tensor) -> Tensor:

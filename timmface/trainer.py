@@ -23,7 +23,18 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from timmface import distributed as tdist
-from timmface.checkpoint import clean_state_dict, list_checkpoints, load_resume, save_checkpoint
+from timmface.checkpoint import (
+    checkpoint_path,
+    checkpoint_shards,
+    clean_state_dict,
+    list_checkpoints,
+    load_checkpoint,
+    load_resume,
+    merge_checkpoint,
+    read_head_rows,
+    save_checkpoint,
+    save_shard,
+)
 from timmface.config import Config, diff_configs, save_config
 from timmface.data.loader import (
     Batch,
@@ -40,6 +51,7 @@ from timmface.losses import AdaFace, build_loss
 from timmface.metrics import MetricsWriter, Progress
 from timmface.model import FaceModel, MarginHead
 from timmface.optim import build_optimizer, cosine_lr, set_lr, warmup_steps
+from timmface.partial_fc import ShardedMarginHead, clip_grad_norm_sharded, scale_grad
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "none": None}
 MODEL_KEYS = ("model.backbone", "model.kwargs", "model.embed_dim")
@@ -82,6 +94,32 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     np.random.set_state((name, keys.numpy(), *rest))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def compile_module(module: nn.Module, fullgraph: bool = True, name: str = "model", **kwargs: Any) -> None:
+    """``module.compile(fullgraph=...)`` in place (state-dict keys keep no ``_orig_mod.``).
+
+    With ``fullgraph``, a model that cannot be traced as one graph (dynamo raises on its first call)
+    is compiled again with graph breaks allowed, after one warning line. The fallback sits inside the
+    module's own call, so a surrounding DDP forward never sees the failure.
+    """
+    from torch._dynamo.exc import Unsupported, UserError
+
+    module.compile(fullgraph=fullgraph, **kwargs)
+    if not fullgraph:
+        return
+    strict = module._compiled_call_impl  # what Module.compile installed; replaced below on failure
+
+    def call_or_fall_back(*args: Any, **kw: Any) -> Any:
+        try:
+            return strict(*args, **kw)
+        except (Unsupported, UserError) as e:
+            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:160]
+            print(f"warning: compile: {name} is not one graph ({first}); compiling with graph breaks", flush=True)
+            module.compile(fullgraph=False, **kwargs)
+            return module._compiled_call_impl(*args, **kw)
+
+    module._compiled_call_impl = call_or_fall_back
 
 
 def _tuplify(x: Any) -> Any:
@@ -223,9 +261,19 @@ class Trainer:
         backbone = create_student(
             cfg.model.backbone, embed_dim=cfg.model.embed_dim, pretrained=cfg.model.pretrained, **cfg.model.kwargs
         )
-        head = MarginHead(
-            self.num_classes, cfg.model.embed_dim, self._build_loss(), cfg.head.partial_fc, cfg.head.init_std
-        )
+        head: MarginHead | None = None
+        self.sharded_head: ShardedMarginHead | None = None
+        if cfg.head.sharded:
+            # sharded at every world size (1 = one shard): one code path and one checkpoint layout, so a
+            # run resumes at any other world size. Outside DDP: each rank owns its rows (see _forward).
+            self.sharded_head = ShardedMarginHead(
+                self.num_classes, cfg.model.embed_dim, self._build_loss(), cfg.head.partial_fc, cfg.head.init_std,
+                seed=cfg.seed,
+            ).to(self.device)  # fmt: skip
+        else:
+            head = MarginHead(
+                self.num_classes, cfg.model.embed_dim, self._build_loss(), cfg.head.partial_fc, cfg.head.init_std
+            )
         self.model = FaceModel(backbone, head, self._build_terms(), margin_weight=cfg.distill.margin_weight)
         self.model.to(self.device)
         if cfg.model.channels_last:
@@ -234,23 +282,43 @@ class Trainer:
             EMA(self.model.backbone, cfg.ema.decay, cfg.ema.warmup_steps, cfg.ema.every) if cfg.ema.enabled else None
         )
         if cfg.compile:
-            # compile before DDP; Module.compile keeps the state-dict keys free of "_orig_mod."
-            self.model.backbone.compile()
+            # compile before DDP wraps the model (DDP then splits the graph at its buckets)
+            compile_module(self.model.backbone, cfg.compile_fullgraph, cfg.model.backbone)
         self.ddp_model: nn.Module = self.model
         if self.world.distributed:
             self.ddp_model = DistributedDataParallel(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
+                # buffers (BatchNorm statistics, AdaFace's norm statistics) start equal, then stay per rank
+                # (torch 2.14 deprecates broadcast_buffers=False for this)
+                forward_sync_buffers=False,
             )
 
     def _build_terms(self) -> dict[str, nn.Module]:
         """Extra loss terms (distillation); none for plain training."""
         return {}
 
+    @property
+    def margin_head(self) -> MarginHead | ShardedMarginHead | None:
+        """The class centres in use: the sharded head (``head.sharded``: this rank's rows, see its
+        ``local_range`` / ``load_rows`` / ``ema_rows``) or ``model.head``."""
+        return self.sharded_head if self.sharded_head is not None else self.model.head
+
+    def _trainable_parameters(self) -> list[nn.Parameter]:
+        """Backbone, head, then the rest: the order ``FaceModel.parameters()`` has with its own head, so the
+        optimiser's state indices are the same whether or not the head is sharded (checkpoints convert)."""
+        if self.sharded_head is None:
+            return list(self.model.parameters())
+        rest = [p for name, p in self.model.named_parameters() if not name.startswith("backbone.")]
+        return [*self.model.backbone.parameters(), *self.sharded_head.parameters(), *rest]
+
     def _setup_optim(self) -> None:
         cfg = self.cfg
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
+        params = [p for p in self._trainable_parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(params, cfg.optim)
+        head = self.margin_head
+        # where the class centres' state sits in optimizer.state_dict()["state"] (None: frozen centres)
+        self.head_optim_index = next((i for i, p in enumerate(params) if head is not None and p is head.weight), None)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
         self.warmup = warmup_steps(cfg.optim.warmup, cfg.total_steps)
 
@@ -269,17 +337,33 @@ class Trainer:
     # ---------------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
+        """What every rank holds alike (rank 0 writes it); with a sharded head, all but its rows."""
         model = self.model
+        head = clean_state_dict(model.head.state_dict()) if model.head is not None else None
+        optimizer = self.optimizer.state_dict()
+        sharding = None
+        if self.sharded_head is not None:
+            head = {k: v for k, v in clean_state_dict(self.sharded_head.state_dict()).items() if k != "weight"}
+            optimizer = {
+                **optimizer,
+                "state": {k: v for k, v in optimizer["state"].items() if k != self.head_optim_index},
+            }
+            sharding = {
+                "num_classes": self.num_classes,
+                "world_size": self.world.world_size,
+                "optim_index": self.head_optim_index,
+            }
         return {
             "config": asdict(self.cfg),
             "num_classes": self.num_classes,
             "world_size": self.world.world_size,
             "model": clean_state_dict(model.backbone.state_dict()),
-            "head": clean_state_dict(model.head.state_dict()) if model.head is not None else None,
+            "head": head,
+            "sharding": sharding,
             "terms": clean_state_dict(model.terms.state_dict()),
             "ema": self.ema.state_dict()["module"] if self.ema is not None and self.ema.active else None,
             "ema_state": {"active": self.ema.active} if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scaler": self.scaler.state_dict(),
             "loader": self.loader.state_dict(),
             "rng": rng_state(self.device),
@@ -287,13 +371,32 @@ class Trainer:
             "metrics": dict(self.last_eval),
         }
 
-    def save(self) -> Path | None:
-        path = None
+    def rank_state_dict(self) -> dict[str, Any]:
+        """What only this rank holds: its RNG state and, with a sharded head, its centres and their optimiser state."""
+        state: dict[str, Any] = {"rng": rng_state(self.device)}
+        head = self.sharded_head
+        if head is not None:
+            opt = self.optimizer.state_dict()["state"]
+            state["head_rows"] = {
+                "start": head.start,
+                "count": head.num_local,
+                "weight": head.weight.detach(),
+                "optim": opt.get(self.head_optim_index) if self.head_optim_index is not None else None,
+            }
+        return state
+
+    def save(self) -> Path:
+        """Every rank writes its rank file (multi-rank or sharded runs), then rank 0 the main file."""
+        world, rank = self.world.world_size, self.world.rank
+        rank_files = world if world > 1 or self.sharded_head is not None else 0
+        if rank_files:
+            save_shard(self.rank_state_dict(), self.output_dir, self.step, rank, world)
+            tdist.barrier()  # all rank files are on disk before the main file makes the step complete
         if self.is_main:
-            path = save_checkpoint(self.state_dict(), self.output_dir, self.step, self.cfg.keep_last)
-            self.last_checkpoint = path
+            save_checkpoint(self.state_dict(), self.output_dir, self.step, self.cfg.keep_last, rank_files)
         tdist.barrier()
-        return path
+        self.last_checkpoint = checkpoint_path(self.output_dir, self.step)
+        return self.last_checkpoint
 
     def _check_compatible(self, ckpt: dict[str, Any], path: Path) -> None:
         saved = ckpt.get("config") or {}
@@ -320,10 +423,9 @@ class Trainer:
         self._check_compatible(ckpt, path)
         try:
             self.model.backbone.load_state_dict(ckpt["model"])
-            if self.model.head is not None and ckpt.get("head") is not None:
-                self.model.head.load_state_dict(ckpt["head"])
+            optimizer = self._load_head(path, ckpt)
             self.model.terms.load_state_dict(ckpt.get("terms") or {})
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.optimizer.load_state_dict(optimizer)
         except (RuntimeError, KeyError, ValueError) as e:
             first = str(e).strip().splitlines()[0][:300]
             raise CheckpointError(f"{path}: does not fit this run's model ({first})") from e
@@ -333,7 +435,10 @@ class Trainer:
             self.ema.active = bool(ckpt["ema_state"]["active"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.loader.load_state_dict(ckpt["loader"])
-        if int(ckpt.get("world_size", 1)) == self.world.world_size:
+        if int(ckpt.get("rank_files") or 0) == self.world.world_size:  # this rank's own RNG
+            own = checkpoint_shards(path, ckpt)[self.world.rank]
+            set_rng_state(load_checkpoint(own, mmap=True)["rng"], self.device)
+        elif int(ckpt.get("world_size", 1)) == self.world.world_size:
             set_rng_state(ckpt["rng"], self.device)
         self.counters.update(ckpt.get("counters") or {})
         self.last_eval = dict(ckpt.get("metrics") or {})
@@ -341,6 +446,25 @@ class Trainer:
         self.last_checkpoint = path
         if self.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def _load_head(self, path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
+        """Load the class centres from a checkpoint of any layout (full or sharded, any world size);
+        returns the optimiser state to load, holding this run's share of the centres' state."""
+        optimizer = ckpt["optimizer"]
+        head, index = self.sharded_head, self.head_optim_index
+        if head is not None:
+            rows, rows_optim = read_head_rows(path, ckpt, head.start, head.num_local, index)
+            replicated = {k: v for k, v in (ckpt.get("head") or {}).items() if k != "weight"}
+            head.load_state_dict({**replicated, "weight": rows})
+            state = {k: v for k, v in optimizer["state"].items() if k != index}
+            if rows_optim is not None and index is not None:
+                state[index] = rows_optim
+            return {**optimizer, "state": state}
+        if ckpt.get("sharding"):
+            ckpt = merge_checkpoint(path, ckpt)
+        if self.model.head is not None and ckpt.get("head") is not None:
+            self.model.head.load_state_dict(ckpt["head"])
+        return ckpt["optimizer"]
 
     # ------------------------------------------------------------------------------------- training
 
@@ -371,13 +495,26 @@ class Trainer:
                 f"to decode (more than data.max_bad_fraction={limit}); first bad record: key {key} ({message})"
             )
 
+    def _forward(self, x: Tensor, labels: Tensor, targets: dict[str, Any]) -> dict[str, Tensor]:
+        """The (DDP-wrapped) model's loss terms; with a sharded head, plus its margin loss on the
+        embeddings the model returns."""
+        out = self.ddp_model(x, labels, targets)
+        if self.sharded_head is not None:
+            # DDP averages the backbone's gradients over ranks, but the sharded loss is already the
+            # mean over the global batch: scale its embedding gradient by W to undo the averaging
+            embeddings = scale_grad(out["embeddings"], float(self.world.world_size))
+            margin = self.sharded_head(embeddings, labels)["margin"]
+            out["margin"] = margin
+            out["loss"] = out["loss"] + self.model.margin_weight * margin
+        return out
+
     def _micro_step(self, batch: Batch, sync: bool, scale: float) -> dict[str, Tensor]:
         x, labels, flips = self.to_device(batch)
         targets = self.targets(batch, x, flips)
         no_sync = isinstance(self.ddp_model, DistributedDataParallel) and not sync
         with self.ddp_model.no_sync() if no_sync else contextlib.nullcontext():
             with self.autocast():
-                out = self.ddp_model(x, labels, targets)
+                out = self._forward(x, labels, targets)
             self.scaler.scale(out["loss"] * scale).backward()
         return out
 
@@ -402,9 +539,13 @@ class Trainer:
                     sums[k] = sums[k] + v.detach().float() / accum
             norms.append(out["norms"])
 
-        finite = bool(torch.isfinite(sums["loss"]).item())
-        if self.world.distributed:
-            finite = tdist.all_reduce_max(0.0 if finite else 1.0, self.device) == 0.0
+        # one all-reduce: every rank logs the global batch's means, and all agree on a non-finite loss
+        keys = sorted(sums)
+        norm_all = torch.cat(norms).float()
+        logged = torch.stack([*(sums[k] for k in keys), norm_all.sum(), norm_all.new_tensor(norm_all.numel())])
+        tdist.all_reduce_sum_(logged)
+        logged[: len(keys)] /= self.world.world_size
+        finite = bool(torch.isfinite(logged[keys.index("loss")]).item())
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             self._nonfinite()
@@ -412,16 +553,22 @@ class Trainer:
 
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.grad is not None], max_norm
-        )
+        if self.sharded_head is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.grad is not None], max_norm
+            )
+        else:  # the norm over every rank's centres, so all ranks clip alike
+            grad_norm = clip_grad_norm_sharded(
+                self.model.parameters(), self.sharded_head.parameters(), max_norm, self.sharded_head.group
+            )
+        # (float16: GradScaler skips a step on the ranks that saw an inf. The backbone's gradients are
+        # all-reduced, so all see the same; the centres' float32 gradients of a finite loss stay finite.)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
-        norm_all = torch.cat(norms)
-        values = {k: v for k, v in sums.items()}
-        values.update(lr=lr, grad_norm=grad_norm, norm_mean=norm_all.mean(), images=float(n_images))
+        values: dict[str, Any] = dict(zip(keys, logged[: len(keys)]))
+        values.update(lr=lr, grad_norm=grad_norm, norm_mean=logged[-2] / logged[-1], images=float(n_images))
         return values
 
     def _nonfinite(self) -> None:
@@ -495,10 +642,11 @@ class Trainer:
 
     def describe(self) -> str:
         n_backbone = sum(p.numel() for p in self.model.backbone.parameters())
-        n_head = self.model.head.weight.numel() if self.model.head is not None else 0
+        n_head = self.num_classes * self.cfg.model.embed_dim
+        sharded = f", sharded over {self.world.world_size} rank(s)" if self.sharded_head is not None else ""
         return (
             f"timmface: {self.cfg.model.backbone} ({n_backbone / 1e6:.2f}M params) + {self.num_classes} class centres "
-            f"({n_head / 1e6:.2f}M), {self.cfg.loss.name}, {len(self.dataset)} images, "
+            f"({n_head / 1e6:.2f}M{sharded}), {self.cfg.loss.name}, {len(self.dataset)} images, "
             f"batch {self.cfg.batch_size} x {self.world.world_size} rank(s), device {self.device}, "
             f"from step {self.step} to {self.cfg.total_steps}"
         )
@@ -519,29 +667,37 @@ class Trainer:
         return self._val_cache[path]
 
     @torch.no_grad()
+    def embed_images(self, backbone: nn.Module, images: list[bytes]) -> Tensor:
+        """Embeddings ``N x D`` (float32, CPU, in order) of encoded images, on every rank: rank ``r``
+        embeds its contiguous slice ``[N r / W, N (r + 1) / W)`` (empty when ``N < W``), then all gather.
+
+        Images are resized to ``data.image_size``, the resolution the backbone trains at.
+        """
+        from timmface.evaluation.verification import _decode_batches
+
+        amp = self.amp_dtype if self.device.type == "cuda" else None
+        n, r, w = len(images), self.world.rank, self.world.world_size
+        lo, hi = n * r // w, n * (r + 1) // w
+        parts = [
+            embed_uint8(backbone, b, flip=self.cfg.eval_flip, amp_dtype=amp, channels_last=self.cfg.model.channels_last)
+            for b in _decode_batches(images[lo:hi], self.cfg.eval_batch_size, size=self.cfg.data.image_size)
+        ]
+        local = torch.cat(parts) if parts else torch.empty(0, self.cfg.model.embed_dim)
+        return tdist.all_gather_concat(local.float().to(self.device)).cpu()
+
+    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Accuracy-Flip on every verification set; images are split across ranks, then gathered."""
         if not self.val_sets:
             return {}
-        from timmface.evaluation.verification import _decode_batches
-
         backbone = self.eval_backbone()
         was_training = backbone.training
         backbone.eval()
-        amp = self.amp_dtype if self.device.type == "cuda" else None
         results: dict[str, float] = {}
         try:
             for path in self.val_sets:
                 images, issame = self._read_val(path)
-                n, r, w = len(images), self.world.rank, self.world.world_size
-                lo, hi = n * r // w, n * (r + 1) // w
-                parts = [
-                    embed_uint8(backbone, b, flip=self.cfg.eval_flip, amp_dtype=amp,
-                                channels_last=self.cfg.model.channels_last)
-                    for b in _decode_batches(images[lo:hi], self.cfg.eval_batch_size)
-                ]
-                local = torch.cat(parts) if parts else torch.empty(0, self.cfg.model.embed_dim, device=self.device)
-                emb = tdist.all_gather_concat(local.to(self.device)).cpu()
+                emb = self.embed_images(backbone, images)
                 res = verification_metrics(emb[0::2], emb[1::2], issame)
                 name = _val_name(path)
                 results[f"acc/{name}"] = res.accuracy
