@@ -283,7 +283,8 @@ def test_sharded_partial_fc_equals_full_softmax(tmp_path: Path):
 # --------------------------------------------------------------------------------------------------
 
 
-def _resume_run(rank: int, world: int, full: list[str], part: list[str]) -> dict[str, Any]:
+def _resume_run(rank: int, world: int, full: list[str], part: list[str], adam: list[str]) -> dict[str, Any]:
+    Trainer(load_config(None, adam)).fit()  # AdamW: its two moments per centre are re-sharded too
     whole = Trainer(load_config(None, full))
     whole.fit()
     first = Trainer(load_config(None, part))
@@ -305,7 +306,8 @@ def _resume_run(rank: int, world: int, full: list[str], part: list[str]) -> dict
 def test_sharded_resume_on_two_ranks_and_on_one(toy_data: Path, tmp_path: Path, capsys):
     extra = ["total_steps=6", "save_every=3", "head.sharded=true", *SGD, "optim.clip_grad_norm=2"]
     full, part = _args(toy_data, tmp_path / "whole", *extra), _args(toy_data, tmp_path / "b", *extra)
-    r0, r1 = spawn(_resume_run, 2, full, part, tmp=tmp_path)
+    adam = _args(toy_data, tmp_path / "adam", "total_steps=2", "head.sharded=true", "optim.warmup=0")
+    r0, r1 = spawn(_resume_run, 2, full, part, adam, tmp=tmp_path)
     assert r0["step"] == r1["step"] == 3
     assert r0["resumed"] == r0["whole"]  # 2 ranks -> 2 ranks: bit for bit
     _assert_states_close(r0["state_resumed"], r0["state_whole"], rtol=0, atol=0)
@@ -338,9 +340,50 @@ def test_sharded_resume_on_two_ranks_and_on_one(toy_data: Path, tmp_path: Path, 
     one.fit()
     got = _losses(tmp_path / "one")
     assert sorted(got) == [4, 5, 6]
+    # AdamW: exp_avg / exp_avg_sq rows follow the centres to their new rank; step stays as it was
+    adam = Trainer(
+        load_config(None, _args(toy_data, tmp_path / "adam1", "head.sharded=true", f"resume={tmp_path / 'adam'}"))
+    )
+    saved = [load_checkpoint(shard_path(tmp_path / "adam", 2, r, 2))["head_rows"]["optim"] for r in range(2)]
+    state = adam.optimizer.state[adam.sharded_head.weight]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert state[key].shape == (8, 32)
+        torch.testing.assert_close(state[key], torch.cat([s[key] for s in saved]), rtol=0, atol=0)
+    assert float(state["step"]) == 2.0
     for step in (4, 5, 6):  # the same computation at another world size: equal up to float rounding
         assert got[step] == pytest.approx(r0["whole"][step], rel=1e-4), step
     _assert_states_close(_state(one), r0["state_whole"], rtol=1e-3, atol=1e-4)
+
+
+def test_checkpoints_convert_between_plain_and_sharded_heads(toy_data: Path, tmp_path: Path):
+    """A plain run resumes sharded, and a merged sharded checkpoint resumes plain: same centres, same
+    AdamW state, and the run continues with the plain run's losses (up to float rounding)."""
+    extra = ["total_steps=6", "save_every=3", "optim.warmup=0"]
+    plain = Trainer(load_config(None, _args(toy_data, tmp_path / "plain", *extra)))
+    plain.fit()
+    want = _losses(tmp_path / "plain")
+    ckpt3 = load_checkpoint(checkpoint_path(tmp_path / "plain", 3))
+
+    sharded = Trainer(load_config(None, [*_args(toy_data, tmp_path / "s", *extra, "head.sharded=true"),
+                                         f"resume={checkpoint_path(tmp_path / 'plain', 3)}"]))  # fmt: skip
+    torch.testing.assert_close(sharded.sharded_head.weight.detach(), ckpt3["head"]["weight"], rtol=0, atol=0)
+    state = sharded.optimizer.state[sharded.sharded_head.weight]
+    saved = ckpt3["optimizer"]["state"][sharded.head_optim_index]
+    assert saved["exp_avg"].shape == (8, 32) and float(saved["step"]) == 3.0
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        torch.testing.assert_close(state[key], saved[key], rtol=0, atol=0)
+    sharded.fit()
+    got = _losses(tmp_path / "s")
+    assert [got[s] for s in (4, 5, 6)] == pytest.approx([want[s] for s in (4, 5, 6)], rel=1e-4)
+
+    merged = tmp_path / "merged.pt"
+    assert main(["ckpt", "merge", str(tmp_path / "s"), "--out", str(merged)]) == 0
+    back = Trainer(load_config(None, [*_args(toy_data, tmp_path / "p2", *extra), f"resume={merged}"]))
+    assert back.step == 6 and back.model.head is not None
+    torch.testing.assert_close(back.model.head.weight.detach(), sharded.sharded_head.weight.detach(), rtol=0, atol=0)
+    state = back.optimizer.state[back.model.head.weight]
+    for key, value in sharded.optimizer.state[sharded.sharded_head.weight].items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
 
 
 def _torchrun(args: list[str], log: Path) -> subprocess.Popen:
@@ -382,20 +425,20 @@ def test_torchrun_sigkill_then_resume(tmp_path: Path):
     """The real CLI under torchrun, killed with SIGKILL mid-run; drop path and Partial FC sampling make
     each rank's RNG matter, so an exact continuation needs every rank's own RNG state restored."""
     data = write_toy_dataset(tmp_path / "data40", num_classes=40, per_class=2)
-    extra = ["total_steps=40", "save_every=4", "head.sharded=true", "head.partial_fc=0.5",
+    extra = ["total_steps=24", "save_every=4", "head.sharded=true", "head.partial_fc=0.5",
              "model.kwargs={img_size: 32, drop_path_rate: 0.2}", "loss.name=adaface"]  # fmt: skip
     whole = _torchrun(_args(data, tmp_path / "whole", *extra), tmp_path / "whole.log")
     killed = _torchrun(_args(data, tmp_path / "b", *extra), tmp_path / "b.log")
     deadline = time.time() + 120
     while time.time() < deadline and killed.poll() is None:
-        if any(step >= 12 for step, _ in list_checkpoints(tmp_path / "b")):
+        if any(step >= 8 for step, _ in list_checkpoints(tmp_path / "b")):
             _sigkill_job(killed)
             break
         time.sleep(0.02)
     assert killed.wait(60) == -signal.SIGKILL, (tmp_path / "b.log").read_text()[-2000:]
     assert whole.wait(120) == 0, (tmp_path / "whole.log").read_text()[-2000:]
     at_kill = list_checkpoints(tmp_path / "b")[-1][0]
-    assert 12 <= at_kill < 40
+    assert 8 <= at_kill < 24
 
     resumed = _torchrun([*_args(data, tmp_path / "b", *extra), "resume=auto"], tmp_path / "b2.log")
     assert resumed.wait(120) == 0, (tmp_path / "b2.log").read_text()[-2000:]
@@ -404,18 +447,18 @@ def test_torchrun_sigkill_then_resume(tmp_path: Path):
 
     # one process from the 2-rank checkpoint: same step, the centres are the saved shards, it trains on
     path, ckpt = load_resume(str(tmp_path / "b"), tmp_path / "b")
-    one = Trainer(load_config(None, [*_args(data, tmp_path / "one", *extra), f"resume={path}", "total_steps=80"]))
-    assert one.step == 40
-    rows = [load_checkpoint(shard_path(tmp_path / "b", 40, r, 2))["head_rows"]["weight"] for r in range(2)]
+    one = Trainer(load_config(None, [*_args(data, tmp_path / "one", *extra), f"resume={path}", "total_steps=56"]))
+    assert one.step == 24
+    rows = [load_checkpoint(shard_path(tmp_path / "b", 24, r, 2))["head_rows"]["weight"] for r in range(2)]
     torch.testing.assert_close(one.sharded_head.weight.detach(), torch.cat(rows), rtol=0, atol=0)
     one.fit()
     got = _losses(tmp_path / "one")
-    assert sorted(got) == list(range(41, 81))
+    assert sorted(got) == list(range(25, 57))
     assert all(torch.isfinite(torch.tensor(v)) for v in got.values())
-    mean = lambda steps: sum(got[s] if s > 40 else two[s] for s in steps) / len(steps)  # noqa: E731
+    mean = lambda steps: sum(got[s] if s > 24 else two[s] for s in steps) / len(steps)  # noqa: E731
     two = _losses(tmp_path / "whole")
-    assert mean(range(41, 51)) < mean(range(1, 11)) - 5  # it starts where the 2-rank run was, not afresh
-    assert mean(range(71, 81)) < mean(range(41, 51))  # and the loss keeps going down
+    assert mean(range(25, 33)) < mean(range(1, 9)) - 5  # it starts where the 2-rank run was, not afresh
+    assert mean(range(49, 57)) < mean(range(25, 33))  # and the loss keeps going down
 
 
 # --------------------------------------------------------------------------------------------------

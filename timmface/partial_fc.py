@@ -275,10 +275,8 @@ class ShardedMarginHead(nn.Module):
         this rank's embedding norms ``n_r`` (detached).
         """
         emb_local = embeddings.float()
-        emb, _ = all_gather_with_grad(emb_local, self.group)
-        all_labels = labels
-        if self.world_size > 1:
-            all_labels = _gather_rows(labels, _gather_sizes(labels.shape[0], labels.device, self.group), self.group)
+        emb, sizes = all_gather_with_grad(emb_local, self.group)
+        all_labels = _gather_rows(labels, sizes, self.group) if self.world_size > 1 else labels
         columns = self.local_columns(all_labels)
         weight = self.weight
         self.last_index = None

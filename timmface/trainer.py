@@ -669,10 +669,7 @@ class Trainer:
     @torch.no_grad()
     def embed_images(self, backbone: nn.Module, images: list[bytes]) -> Tensor:
         """Embeddings ``N x D`` (float32, CPU, in order) of encoded images, on every rank: rank ``r``
-        embeds its contiguous slice ``[N r / W, N (r + 1) / W)`` (empty when ``N < W``), then all gather.
-
-        Images are resized to ``data.image_size``, the resolution the backbone trains at.
-        """
+        embeds its contiguous slice ``[N r / W, N (r + 1) / W)`` (empty when ``N < W``), then all gather."""
         from timmface.evaluation.verification import _decode_batches
 
         amp = self.amp_dtype if self.device.type == "cuda" else None
@@ -680,7 +677,7 @@ class Trainer:
         lo, hi = n * r // w, n * (r + 1) // w
         parts = [
             embed_uint8(backbone, b, flip=self.cfg.eval_flip, amp_dtype=amp, channels_last=self.cfg.model.channels_last)
-            for b in _decode_batches(images[lo:hi], self.cfg.eval_batch_size, size=self.cfg.data.image_size)
+            for b in _decode_batches(images[lo:hi], self.cfg.eval_batch_size)
         ]
         local = torch.cat(parts) if parts else torch.empty(0, self.cfg.model.embed_dim)
         return tdist.all_gather_concat(local.float().to(self.device)).cpu()
