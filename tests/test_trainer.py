@@ -81,8 +81,8 @@ def test_evaluation_uses_ema_weights(toy_data: Path, tmp_path: Path):
     t = Trainer(load_config(None, tiny_run_args(toy_data, tmp_path / "r", "eval_every=0", "ema.decay=0.5")))
     t.fit()
     assert t.ema.active
-    live = evaluate_bin(t.model.backbone, toy_data / "toy_val.bin")
-    ema = evaluate_bin(t.ema.module, toy_data / "toy_val.bin")
+    live = evaluate_bin(t.model.backbone, toy_data / "toy_val.bin", image_size=32)
+    ema = evaluate_bin(t.ema.module, toy_data / "toy_val.bin", image_size=32)
     got = t.evaluate()
     assert got["acc/toy_val"] == pytest.approx(ema.accuracy)
     assert got["threshold/toy_val"] == pytest.approx(ema.threshold)

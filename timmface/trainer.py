@@ -281,6 +281,7 @@ class Trainer:
         self.ema = (
             EMA(self.model.backbone, cfg.ema.decay, cfg.ema.warmup_steps, cfg.ema.every) if cfg.ema.enabled else None
         )
+        self._before_wrap()
         if cfg.compile:
             # compile before DDP wraps the model (DDP then splits the graph at its buckets)
             compile_module(self.model.backbone, cfg.compile_fullgraph, cfg.model.backbone)
@@ -297,6 +298,9 @@ class Trainer:
     def _build_terms(self) -> dict[str, nn.Module]:
         """Extra loss terms (distillation); none for plain training."""
         return {}
+
+    def _before_wrap(self) -> None:
+        """Last changes to the model (e.g. freezing parameters) before compile and DDP see it."""
 
     @property
     def margin_head(self) -> MarginHead | ShardedMarginHead | None:
@@ -484,7 +488,7 @@ class Trainer:
         self.counters["bad_records"] += len(batch.bad)
         if self.first_bad is None:
             self.first_bad = (batch.bad[0][1], batch.bad[0][2])
-        for _, key, message in batch.bad[:3]:
+        for _, _key, message in batch.bad[:3]:
             print(f"warning: skipped a record that failed to decode: {message}", flush=True)
         limit = self.cfg.data.max_bad_fraction
         fraction = self.counters["bad_records"] / max(self.counters["seen_records"], 1000)
@@ -677,7 +681,7 @@ class Trainer:
         lo, hi = n * r // w, n * (r + 1) // w
         parts = [
             embed_uint8(backbone, b, flip=self.cfg.eval_flip, amp_dtype=amp, channels_last=self.cfg.model.channels_last)
-            for b in _decode_batches(images[lo:hi], self.cfg.eval_batch_size)
+            for b in _decode_batches(images[lo:hi], self.cfg.eval_batch_size, self.cfg.data.image_size)
         ]
         local = torch.cat(parts) if parts else torch.empty(0, self.cfg.model.embed_dim)
         return tdist.all_gather_concat(local.float().to(self.device)).cpu()

@@ -157,11 +157,12 @@ def embed_pairs(
     flip: bool = True,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    image_size: int = 112,
 ) -> Tensor:
-    """Embeddings (float32, CPU) of a list of JPEG/PNG byte strings, in order."""
+    """Embeddings (float32, CPU) of a list of JPEG/PNG byte strings (resized to ``image_size``), in order."""
     out = [
         embed_uint8(model, batch, flip=flip, amp_dtype=amp_dtype, channels_last=channels_last).cpu()
-        for batch in _decode_batches(images, batch_size)
+        for batch in _decode_batches(images, batch_size, image_size)
     ]
     return torch.cat(out) if out else torch.empty(0)
 
@@ -174,15 +175,17 @@ def evaluate_bin(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     n_folds: int = 10,
+    image_size: int = 112,
 ) -> VerificationResult:
-    """Verification accuracy of ``model`` (eval mode, float [-1,1] RGB input) on a ``.bin`` set."""
+    """Verification accuracy of ``model`` (eval mode, float [-1,1] RGB input) on a ``.bin`` set whose
+    images are resized to ``image_size`` when they differ (the published sets are all 112x112)."""
     from timmface.data.bin import read_bin
 
     images, issame = read_bin(path)
     was_training = model.training
     model.eval()
     try:
-        emb = embed_pairs(model, images, batch_size, flip, amp_dtype, channels_last)
+        emb = embed_pairs(model, images, batch_size, flip, amp_dtype, channels_last, image_size)
     finally:
         model.train(was_training)
     return verification_metrics(emb[0::2], emb[1::2], issame, n_folds)
