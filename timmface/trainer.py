@@ -371,7 +371,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "loader": self.loader.state_dict(),
             "rng": rng_state(self.device),
-            "counters": dict(self.counters),
+            "counters": {**self.counters, "elapsed_s": self.elapsed()},
             "metrics": dict(self.last_eval),
         }
 
@@ -598,27 +598,30 @@ class Trainer:
         cfg = self.cfg
         stop = cfg.total_steps if until is None else min(until, cfg.total_steps)
         progress = Progress(cfg.total_steps, self.step, cfg.log.progress, enabled=self.is_main)
+        self._fit_t0 = time.perf_counter()
         if self.is_main:
             progress.message(self.describe())
         self.model.train()
-        window_t, window_images = time.perf_counter(), 0.0
+        window_time, window_images = 0.0, 0.0  # training time only: evaluation and saving left out
         acc: dict[str, float] = defaultdict(float)
         acc_n = 0
         try:
             while self.step < stop:
+                t0 = time.perf_counter()
                 values = self.train_step()
                 self.step += 1
                 if self.ema is not None:
                     self.ema.update(self.model.backbone, self.step)
+                window_time += time.perf_counter() - t0
                 window_images += values.pop("images", 0.0)
                 for k, v in values.items():
                     acc[k] += float(v)
                 acc_n += 1
                 log_now = self.step % cfg.log.every == 0 or self.step == cfg.total_steps
                 if log_now:
-                    elapsed = time.perf_counter() - window_t
                     record = {k: v / acc_n for k, v in acc.items()}
-                    record["img_per_s"] = window_images * self.world.world_size / max(elapsed, 1e-9)
+                    record["img_per_s"] = window_images * self.world.world_size / max(window_time, 1e-9)
+                    record["elapsed_s"] = self.elapsed()
                     record["epoch"] = self.loader.epoch_progress
                     record["data/bad_records"] = self.counters["bad_records"]
                     record["nonfinite_skipped"] = self.counters["nonfinite"]
@@ -626,7 +629,7 @@ class Trainer:
                     shown = {k: record[k] for k in ("loss", "lr", "img_per_s") if k in record}
                     progress.update(self.step, shown, emit=True)
                     acc, acc_n = defaultdict(float), 0
-                    window_t, window_images = time.perf_counter(), 0.0
+                    window_time, window_images = 0.0, 0.0
                 else:
                     progress.update(self.step, {}, emit=False)
                 final = self.step == cfg.total_steps
@@ -642,7 +645,25 @@ class Trainer:
             progress.close()
             self.loader.close()
             self.metrics.close()
+        if self.is_main and self.step == cfg.total_steps:
+            self._finish()
         return dict(self.last_eval)
+
+    def elapsed(self) -> float:
+        """Wall-clock seconds this run has spent in ``fit``, over all its resumed segments."""
+        start = getattr(self, "_fit_t0", None)
+        return float(self.counters.get("elapsed_s", 0.0)) + (time.perf_counter() - start if start else 0.0)
+
+    def _finish(self) -> None:
+        """Last words of a completed run: the final accuracies and the report plot (when matplotlib is there)."""
+        accs = "  ".join(f"{k}={v:.4f}" for k, v in self.last_eval.items() if k.startswith("acc/"))
+        print(f"done: step {self.step}{'  ' + accs if accs else ''}  checkpoint {self.last_checkpoint}", flush=True)
+        try:
+            from timmface.report import write_report
+
+            write_report(self.output_dir)
+        except Exception as e:  # a plotting problem must not fail a finished run
+            warnings.warn(f"could not write the run report: {e}", stacklevel=2)
 
     def describe(self) -> str:
         n_backbone = sum(p.numel() for p in self.model.backbone.parameters())
