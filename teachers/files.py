@@ -40,7 +40,7 @@ def safe_torch_load(path: Path) -> Any:
 
     weights-only unpickling allows tensors and plain containers only: a pickle that asks for any other
     global (``os.system``, ``builtins.exec``, a class from a training script) is refused before
-    anything is called, and we never retry with ``weights_only=False``.
+    anything is called, and we never retry with unsafe (code-running) loading.
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
