@@ -5,7 +5,8 @@
 
 Prints seconds per optimiser step (fp32 and bf16 autocast) of the real ``FaceModel`` (backbone,
 class centres, margin loss, AdamW), the loader's images/s over a RecordIO set it writes itself,
-and the raw JPEG-decode rate of the same files as the reference. Ratios are measured in one run.
+and the raw JPEG-decode rate of the same files as the reference (the data figures come from
+``benchmarks/data_pipeline.py``, which also times the seed's pipeline and the index load).
 """
 
 from __future__ import annotations
@@ -22,14 +23,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.data_pipeline import decode_rate, timmface_rate, write_jpeg_recordio  # noqa: E402
 from students import create_student  # noqa: E402
-from timmface.data.loader import build_train_loader  # noqa: E402
 from timmface.losses import build_loss  # noqa: E402
 from timmface.model import FaceModel, MarginHead  # noqa: E402
 
 
-def time_steps(model: FaceModel, opt: torch.optim.Optimizer, batch: int, classes: int, amp: torch.dtype | None,
-               steps: int, warmup: int = 2) -> float:
+def time_steps(
+    model: FaceModel,
+    opt: torch.optim.Optimizer,
+    batch: int,
+    classes: int,
+    amp: torch.dtype | None,
+    steps: int,
+    warmup: int = 2,
+) -> float:
     x = torch.randn(batch, 3, 112, 112)
     y = torch.randint(0, classes, (batch,))
     times = []
@@ -43,46 +51,6 @@ def time_steps(model: FaceModel, opt: torch.optim.Optimizer, batch: int, classes
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def write_jpeg_recordio(root: Path, n: int) -> Path:
-    from torchvision.io import encode_jpeg
-
-    from timmface.data.recordio import RecordIOWriter
-
-    g = torch.Generator().manual_seed(0)
-    with RecordIOWriter(root, num_classes=max(2, n // 20)) as w:
-        for i in range(n):
-            base = torch.randint(0, 256, (3, 14, 14), generator=g).float()
-            img = torch.nn.functional.interpolate(base[None], size=(112, 112), mode="bilinear")[0].to(torch.uint8)
-            w.add(encode_jpeg(img, quality=90).numpy().tobytes(), i // 20)
-    return root
-
-
-def loader_rate(path: Path, batch: int, workers: int, n_batches: int) -> float:
-    from timmface.data.recordio import RecordIODataset
-
-    loader = build_train_loader(RecordIODataset(path), batch, num_workers=workers, seed=0)
-    next(loader)
-    t0 = time.perf_counter()
-    for _ in range(n_batches):
-        next(loader)
-    rate = batch * n_batches / (time.perf_counter() - t0)
-    loader.close()
-    return rate
-
-
-def decode_rate(path: Path, n: int) -> float:
-    from torchvision.io import decode_jpeg
-
-    from timmface.data.recordio import RecordIODataset
-
-    ds = RecordIODataset(path)
-    raws = [torch.frombuffer(bytearray(ds.read_raw(i)[0]), dtype=torch.uint8) for i in range(min(n, len(ds)))]
-    t0 = time.perf_counter()
-    for r in raws:
-        decode_jpeg(r)
-    return len(raws) / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -104,15 +72,19 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     fp32 = time_steps(model, opt, args.batch, args.classes, None, args.steps)
     bf16 = time_steps(model, opt, args.batch, args.classes, torch.bfloat16, args.steps)
-    print(f"train step {args.backbone} batch {args.batch}, {args.classes} classes: "
-          f"fp32 {fp32:.3f} s ({args.batch / fp32:.1f} img/s), bf16 {bf16:.3f} s ({args.batch / bf16:.1f} img/s)")
+    print(
+        f"train step {args.backbone} batch {args.batch}, {args.classes} classes: "
+        f"fp32 {fp32:.3f} s ({args.batch / fp32:.1f} img/s), bf16 {bf16:.3f} s ({args.batch / bf16:.1f} img/s)"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         data = write_jpeg_recordio(Path(tmp) / "rec", args.images)
         raw = decode_rate(data, args.images)
-        rate = loader_rate(data, 128, args.workers, max(3, args.images // 128 - 1))
-        print(f"data: raw JPEG decode {raw:.0f} img/s; loader with {args.workers} worker(s) {rate:.0f} img/s "
-              f"({rate / raw / max(1, args.workers):.2f} of raw decode per worker)")
+        rate = timmface_rate(data, 128, args.workers, max(3, args.images // 128 - 1))  # per worker
+        print(
+            f"data: raw JPEG decode {raw:.0f} img/s; loader with {args.workers} worker(s) {rate:.0f} img/s "
+            f"per worker ({rate / raw:.2f} of raw decode); benchmarks/data_pipeline.py compares more"
+        )
 
 
 if __name__ == "__main__":

@@ -106,6 +106,10 @@ class DataConfig:
     """Stop when more than this fraction of the records read so far (at least 1,000 counted) failed
     to decode; 0 = stop at the first one."""
     prefetch_factor: int = 4
+    decode: str = "cpu"
+    """cpu | gpu: where JPEGs are decoded. ``gpu`` (needs CUDA): workers only read and ship the bytes; the
+    main process decodes each batch with nvJPEG and runs the augmentations on the GPU, per sample under the
+    same seeds (pixels differ from CPU decoding by a few levels); see ``timmface/data/gpu_decode.py``."""
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
@@ -228,6 +232,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("adamw", "sgd", "lamb"),
     "amp": ("bfloat16", "float16", "none"),
     "data.format": ("auto", "recordio", "folder", "wds"),
+    "data.decode": ("cpu", "gpu"),
     "distill.feature_loss": ("cosine", "mse"),
     "distill.relation_loss": ("mse", "kl"),
     "distill.centres": ("off", "init", "frozen", "ema"),

@@ -35,7 +35,8 @@ from timmface.checkpoint import (
     save_checkpoint,
     save_shard,
 )
-from timmface.config import Config, diff_configs, save_config
+from timmface.config import Config, DemoConfig, diff_configs, save_config
+from timmface.data.gpu_decode import check_gpu_decode, resolve_decode_device
 from timmface.data.loader import (
     Batch,
     DeviceNormalizer,
@@ -130,6 +131,22 @@ def _val_name(path: str | Path) -> str:
     return Path(path).stem
 
 
+def demo_data_path(demo: DemoConfig) -> str:
+    """The folder of the built-in demo dataset for these settings, generated (once, cached) if missing."""
+    from timmface.data.demo import load_or_generate_demo
+
+    cache = demo.cache_dir or os.environ.get("TIMMFACE_CACHE") or str(Path.home() / ".cache" / "timmface")
+    params = dict(
+        num_identities=demo.num_identities,
+        images_per_identity=demo.images_per_identity,
+        num_val_identities=demo.num_val_identities,
+        num_val_pairs=demo.num_val_pairs,
+        difficulty=demo.difficulty,
+        seed=demo.seed,
+    )
+    return str(load_or_generate_demo(Path(cache) / "demo", **params))
+
+
 class Trainer:
     """Builds everything a run needs from a :class:`~timmface.config.Config` and trains it."""
 
@@ -138,6 +155,7 @@ class Trainer:
         self.step = 0
         self.counters = {"nonfinite": 0, "bad_records": 0, "seen_records": 0}
         self.first_bad: tuple[Any, str] | None = None
+        self._said_resized = False
         self.last_eval: dict[str, float] = {}
         self.last_checkpoint: Path | None = None
         self._setup_runtime()
@@ -202,6 +220,9 @@ class Trainer:
             raise DataError(f"{path}: found {self.num_classes} classes; margin losses need at least 2")
         transform = build_transform(cfg.data.augmentations)
         self.has_augmentations = transform is not None
+        decode_device = resolve_decode_device(cfg.data.decode, self.device)
+        if decode_device is not None:
+            check_gpu_decode(decode_device, transform, cfg.data.image_size)
         self.loader = build_train_loader(
             self.dataset,
             cfg.batch_size,
@@ -215,6 +236,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             prefetch_factor=cfg.data.prefetch_factor,
             image_size=cfg.data.image_size,
+            decode_device=decode_device,
         )
         self.to_device = DeviceNormalizer(self.device, cfg.model.channels_last)
         if cfg.data.val_sets:
@@ -228,24 +250,13 @@ class Trainer:
         self._val_cache: dict[Path, tuple[list[bytes], list[bool]]] = {}
 
     def _demo_path(self) -> str:
-        from timmface.data.demo import load_or_generate_demo
-
-        demo = self.cfg.data.demo
-        cache = demo.cache_dir or os.environ.get("TIMMFACE_CACHE") or str(Path.home() / ".cache" / "timmface")
-        params = dict(
-            num_identities=demo.num_identities,
-            images_per_identity=demo.images_per_identity,
-            num_val_identities=demo.num_val_identities,
-            num_val_pairs=demo.num_val_pairs,
-            difficulty=demo.difficulty,
-            seed=demo.seed,
-        )
+        """The built-in demo data, generated on first use (by rank 0; the others wait, then read it)."""
         if self.is_main:
-            path = load_or_generate_demo(Path(cache) / "demo", **params)
+            path = demo_data_path(self.cfg.data.demo)
         tdist.barrier()
         if not self.is_main:
-            path = load_or_generate_demo(Path(cache) / "demo", **params)
-        return str(path)
+            path = demo_data_path(self.cfg.data.demo)
+        return path
 
     def _build_loss(self) -> nn.Module:
         lc = self.cfg.loss
@@ -482,6 +493,13 @@ class Trainer:
         return {}
 
     def _account_bad(self, batch: Batch) -> None:
+        if batch.resized and not self._said_resized:  # once per run, not once per image
+            self._said_resized = True
+            if self.is_main:
+                h, w = batch.resized_from or (0, 0)
+                size = self.cfg.data.image_size
+                print(f"note: {self.data_path}: images of another size (first: {h}x{w}) are resized to "
+                      f"{size}x{size} (bilinear, antialiased) as they are read; said once", flush=True)  # fmt: skip
         self.counters["seen_records"] += len(batch.labels) + len(batch.bad)
         if not batch.bad:
             return
