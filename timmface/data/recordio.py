@@ -289,7 +289,8 @@ class RecordIODataset(Dataset):
         labels: int64 array, the class of every image (from the per-identity records when present,
             else from the image records' headers; never by decoding).
         num_classes: from ``property``, else the number of identity records, else ``max(labels) + 1``.
-        image_size: ``(height, width)`` from ``property``, else that of the first image.
+        image_size: ``(height, width)`` from ``property``, else that of the first decodable image (None if
+            none of the first 8 decodes).
         rec_path, idx_path, root: the files read.
     """
 
@@ -315,7 +316,8 @@ class RecordIODataset(Dataset):
         self._key_table = _KeyTable(idx_keys, idx_offsets, self.idx_path)
         self._check_offsets(idx_keys, idx_offsets)
 
-        prop_classes, self.image_size = self._read_property()
+        prop_classes, image_size = self._read_property()
+        self.image_size: tuple[int, int] | None = image_size
         self._identity_ranges: np.ndarray | None = None
         header = self._header_range(idx_keys)
         if header is not None:
@@ -331,9 +333,18 @@ class RecordIODataset(Dataset):
             prop_classes = len(self._identity_ranges)
         self.num_classes = int(prop_classes) if prop_classes is not None else int(self.labels.max(initial=-1)) + 1
         self._check_labels()
-        if self.image_size is None and len(self):
-            img = self.decode(0)
-            self.image_size = (int(img.shape[1]), int(img.shape[2]))
+        if self.image_size is None:
+            self.image_size = self._probe_size()
+
+    def _probe_size(self) -> tuple[int, int] | None:
+        """Without ``property``: the size of the first decodable image among the first few."""
+        for i in range(min(len(self), 8)):
+            try:
+                img = self.decode(i)
+            except CorruptRecordError:
+                continue
+            return int(img.shape[1]), int(img.shape[2])
+        return None
 
     # -- paths, property and cheap checks at open ---------------------------------------------------------
 
@@ -377,7 +388,7 @@ class RecordIODataset(Dataset):
         """``(a, b)`` from record 0 when it is a header: flag >= 2, no image, ``1 <= a <= b``."""
         if not self._key_table.has(0):
             return None
-        header, image = unpack_payload(self._read_payload(0, self._key_table.offset(0)))
+        header, image = self._unpack(0, self._read_payload(0, self._key_table.offset(0)))
         if header.flag < 2 or image:
             return None
         a, b = header.labels[0], header.labels[1]
@@ -405,8 +416,12 @@ class RecordIODataset(Dataset):
             return self._scan_labels()
         starts, ends = starts.astype(np.int64), ends.astype(np.int64)
         label_of_key = np.full(a, -1, dtype=np.int64)
-        for j in np.flatnonzero(ends > starts):
-            label_of_key[starts[j] : ends[j]] = j
+        # every key of every non-empty range, vectorised (a python loop over 93k identities is slow)
+        filled = np.flatnonzero(ends > starts)
+        lengths = (ends - starts)[filled]
+        first = np.cumsum(lengths) - lengths  # where each range starts in the concatenation
+        positions = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(first - starts[filled], lengths)
+        label_of_key[positions] = np.repeat(filled, lengths)
         labels = label_of_key[self.keys]
         probe = np.unique(np.linspace(0, len(self.keys) - 1, num=min(9, len(self.keys))).astype(np.int64))
         own = self._gather_headers(self.keys[probe], self._offsets[probe])["class_label"]
