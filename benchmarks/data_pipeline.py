@@ -64,6 +64,8 @@ def decode_rate(path: Path, n: int) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     try:
+        for r in raws[:32]:  # warm-up: library initialisation, allocator
+            decode_jpeg(r)
         t0 = time.perf_counter()
         for r in raws:
             decode_jpeg(r)

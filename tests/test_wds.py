@@ -181,3 +181,22 @@ def test_trainer_resumes_a_stream_exactly(toy_data: Path, tmp_path: Path) -> Non
     for (k, a), (_, b) in zip(whole.model.state_dict().items(), second.model.state_dict().items()):
         assert torch.equal(a, b), k
     assert isinstance(whole.dataset, WebDatasetShards) and len(whole.dataset) == 48
+
+
+def test_cli_writes_shards_of_an_image_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tests.test_pipeline import write_messy_folder
+    from timmface.cli import main
+
+    folder = write_messy_folder(tmp_path / "faces")
+    out = tmp_path / "out" / "faces-%04d.tar"
+    with pytest.warns(UserWarning):
+        assert main(["data", "shards", str(folder), str(out), "--max-count", "8"]) == 0
+    assert "3 shards, 19 samples of 3 classes" in capsys.readouterr().out
+    assert (tmp_path / "out" / "classes.txt").read_text().split() == ["alice", "bob", "carol"]
+    ds = build_dataset(f"wds://{tmp_path}/out/faces-{{0000..0002}}.tar")
+    assert ds.num_classes == 3 and ds.counts == [8, 8, 3] and len(ds) == 19
+    loader = loader_for(f"wds://{tmp_path}/out/faces-{{0000..0002}}.tar", 4, num_workers=1)
+    batches = one_epoch(loader)
+    loader.close()
+    indices = sorted([i for b in batches for i in b.indices.tolist()] + [x[0] for b in batches for x in b.bad])
+    assert len(indices) == len(set(indices)) and set(indices) <= set(range(19))  # partial batches are dropped

@@ -31,12 +31,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inspect.add_argument("path", metavar="PATH")
     inspect.add_argument("--grid", metavar="FILE", default=None, help="write a PNG grid of a few identities")
     inspect.add_argument("--json", action="store_true", help="print the counts as JSON")
+    shards = sub.add_parser(
+        "shards",
+        help="write a RecordIO folder or an image folder as WebDataset tar shards",
+        description="Write DATA as WebDataset shards OUT_PATTERN (one printf field, e.g. out/faces-%%06d.tar): "
+        "samples KEY.jpg + KEY.cls, the image bytes as stored; meta.json (counts, classes) beside them.",
+    )
+    shards.add_argument("data", metavar="DATA", help="a RecordIO folder or an image folder")
+    shards.add_argument("out_pattern", metavar="OUT_PATTERN")
+    shards.add_argument("--max-count", type=int, default=10_000, help="samples per shard (default 10000)")
+    shards.add_argument("--no-shuffle", action="store_true", help="keep the dataset order (default: shuffled)")
+    shards.add_argument("--seed", type=int, default=0, help="seed of the shuffled order (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
     from timmface.data.tools import inspect_dataset, pack_image_folder
 
     console = Console()
+    if args.data_command == "shards":
+        return _write_shards(args, console)
     if args.data_command == "pack":
         with console.status(f"packing {args.image_folder}") as status:
             info = pack_image_folder(
@@ -67,4 +80,26 @@ def run(args: argparse.Namespace) -> int:
             value = ", ".join(f"{k} {v}" for k, v in value.items())
         table.add_row(key.replace("_", " "), str(value))
     console.print(table)
+    return 0
+
+
+def _write_shards(args: argparse.Namespace, console: Console) -> int:
+    from timmface.data.loader import build_dataset
+    from timmface.data.wds import write_shards
+
+    dataset = build_dataset(args.data)
+    with console.status(f"writing shards of {args.data}") as status:
+        meta = write_shards(
+            dataset,
+            args.out_pattern,
+            max_count=args.max_count,
+            shuffle=not args.no_shuffle,
+            seed=args.seed,
+            progress=lambda i, n: status.update(f"writing shards of {args.data}: {i}/{n}"),
+        )
+    console.print(
+        f"{len(meta['shards'])} shards, {meta['num_samples']} samples of {meta['num_classes']} classes "
+        f"({args.out_pattern}; meta.json beside them)",
+        soft_wrap=True,
+    )
     return 0
