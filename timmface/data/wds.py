@@ -28,9 +28,13 @@ workers that ran dry, so which worker produced the ``j``-th batch follows from t
 counts: with ``meta.json`` sample counts the resume is **exact** (same batches, pixels, seeds and
 flips as an uninterrupted run with the same number of ranks and workers). Without counts it is exact
 while every worker still had batches at the saved position; past that point (the end of an epoch
-whose workers hold unequal shares) some batches of that epoch may be repeated or skipped. A resume
-with another number of ranks or workers starts the saved epoch over: streaming cannot address
-samples the way RecordIO can.
+whose workers hold unequal shares) some batches of that epoch may be repeated or skipped. The trainer
+checkpoints rank 0's position and every rank resumes from it: exact on all ranks when they get equal
+numbers of batches per epoch (a shard count divisible by the number of ranks, equal shard sizes, as
+:func:`write_shards` writes them but for the last shard); otherwise the other ranks resume at rank 0's
+position in their own stream. With another number of ranks or workers the saved position means other
+batches (the samples of the epoch are dealt differently): streaming cannot address samples the way
+RecordIO can.
 """
 
 from __future__ import annotations
