@@ -75,8 +75,8 @@ class AugmentationConfig:
 class DemoConfig:
     enabled: bool = False
     """Generate (once, cached) and train on the built-in procedural demo faces."""
-    num_identities: int = 1000
-    images_per_identity: int = 20
+    num_identities: int = 250
+    images_per_identity: int = 40
     num_val_identities: int = 200
     num_val_pairs: int = 2000
     difficulty: float = 1.0
