@@ -37,8 +37,10 @@ def write_toy_dataset(root: Path, num_classes: int = 8, per_class: int = 6, size
     for i in range(pairs):
         a = i % num_classes
         b = a if i % 2 == 0 else (a + 1) % num_classes
-        images += [encode_jpeg(class_image(a, 100 + i, size), quality=95).numpy().tobytes(),
-                   encode_jpeg(class_image(b, 200 + i, size), quality=95).numpy().tobytes()]
+        images += [
+            encode_jpeg(class_image(a, 100 + i, size), quality=95).numpy().tobytes(),
+            encode_jpeg(class_image(b, 200 + i, size), quality=95).numpy().tobytes(),
+        ]
         issame.append(a == b)
     write_bin(root / "toy_val.bin", images, issame)
     return root

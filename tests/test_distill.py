@@ -29,7 +29,9 @@ def test_feature_distillation_cosine_and_mse():
     value, weighted = term(s, torch.zeros(5), {"teacher": t})
     su, tu = _unit(s.numpy()), _unit(t.numpy())
     expected = np.mean(1 - (su * tu).sum(1))
-    assert float(value) == pytest.approx(expected, rel=1e-6) and float(weighted) == pytest.approx(2 * expected, rel=1e-6)
+    assert float(value) == pytest.approx(expected, rel=1e-6) and float(weighted) == pytest.approx(
+        2 * expected, rel=1e-6
+    )
     value, _ = FeatureDistillation(8, 8, "mse")(s, torch.zeros(5), {"teacher": t})
     assert float(value) == pytest.approx(np.mean((su - tu) ** 2), rel=1e-6)
     # different sizes: a bias-free projection, and the value uses it
@@ -72,13 +74,18 @@ def teacher_run(toy_data: Path, tmp_path_factory) -> Path:
 
 
 def _student_args(data: Path, out: Path, teacher: Path, *extra: str) -> list[str]:
-    return [*tiny_run_args(data, out, "eval_every=0", "save_every=0", "total_steps=5"), f"distill.teacher={teacher}",
-            "distill.teacher_dtype=float32", *extra]
+    return [
+        *tiny_run_args(data, out, "eval_every=0", "save_every=0", "total_steps=5"),
+        f"distill.teacher={teacher}",
+        "distill.teacher_dtype=float32",
+        *extra,
+    ]
 
 
 def test_online_distillation_trains_only_the_student(toy_data: Path, teacher_run: Path, tmp_path: Path):
-    cfg = load_config(None, _student_args(toy_data, tmp_path / "s", teacher_run, "model.embed_dim=16",
-                                          "distill.relation_weight=1.0"))
+    cfg = load_config(
+        None, _student_args(toy_data, tmp_path / "s", teacher_run, "model.embed_dim=16", "distill.relation_weight=1.0")
+    )
     trainer = DistillTrainer(cfg)
     before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
     assert "kd_feature" in trainer.model.terms and trainer.model.terms["kd_feature"].proj is not None
@@ -104,7 +111,18 @@ def _build_cache(teacher_run: Path, data: Path, out: Path) -> Path:
 
 
 def _run_embed(teacher_run: Path, data: Path, out: Path) -> Path:
-    args = ["embed", "--model", str(teacher_run), "--data", str(data), "--out", str(out), "--cache", "--image-size", "32"]
+    args = [
+        "embed",
+        "--model",
+        str(teacher_run),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--cache",
+        "--image-size",
+        "32",
+    ]
     assert main(args) == 0
     return out
 
@@ -112,8 +130,9 @@ def _run_embed(teacher_run: Path, data: Path, out: Path) -> Path:
 def test_cached_and_online_give_the_same_loss(toy_data: Path, teacher_run: Path, tmp_path: Path):
     cache = _run_embed(teacher_run, toy_data, tmp_path / "t.tfemb")
     online = DistillTrainer(load_config(None, _student_args(toy_data, tmp_path / "a", teacher_run)))
-    cached = DistillTrainer(load_config(None, _student_args(toy_data, tmp_path / "b", teacher_run,
-                                                            f"distill.cache={cache}")))
+    cached = DistillTrainer(
+        load_config(None, _student_args(toy_data, tmp_path / "b", teacher_run, f"distill.cache={cache}"))
+    )
     assert cached.teacher is None and online.teacher is not None
     cached.model.load_state_dict(online.model.state_dict())
     batch = next(online.loader)
@@ -139,19 +158,36 @@ def test_cache_mismatches_are_refused(toy_data: Path, teacher_run: Path, tmp_pat
     with pytest.raises(DataError, match="t.tfemb"):
         DistillTrainer(load_config(None, _student_args(other, tmp_path / "x", teacher_run, f"distill.cache={cache}")))
     with pytest.raises(ConfigError, match="augmentations"):
-        DistillTrainer(load_config(None, _student_args(toy_data, tmp_path / "y", teacher_run, f"distill.cache={cache}",
-                                                       "data.augmentations=[{name: RandomAffine, args: [5]}]")))
+        DistillTrainer(
+            load_config(
+                None,
+                _student_args(
+                    toy_data,
+                    tmp_path / "y",
+                    teacher_run,
+                    f"distill.cache={cache}",
+                    "data.augmentations=[{name: RandomAffine, args: [5]}]",
+                ),
+            )
+        )
 
 
 def test_bad_combinations(toy_data: Path, teacher_run: Path, tmp_path: Path):
     with pytest.raises(ConfigError, match="allow_projection"):
-        DistillTrainer(load_config(None, _student_args(toy_data, tmp_path / "a", teacher_run, "model.embed_dim=16",
-                                                       "distill.allow_projection=false")))
+        DistillTrainer(
+            load_config(
+                None,
+                _student_args(
+                    toy_data, tmp_path / "a", teacher_run, "model.embed_dim=16", "distill.allow_projection=false"
+                ),
+            )
+        )
     with pytest.raises(ConfigError, match="needs a teacher"):
         DistillTrainer(load_config(None, tiny_run_args(toy_data, tmp_path / "b")))
     with pytest.warns(UserWarning, match="plain training"):
-        DistillTrainer(load_config(None, _student_args(toy_data, tmp_path / "c", teacher_run,
-                                                       "distill.feature_weight=0")))
+        DistillTrainer(
+            load_config(None, _student_args(toy_data, tmp_path / "c", teacher_run, "distill.feature_weight=0"))
+        )
 
 
 def test_teacher_centres(toy_data: Path, teacher_run: Path, tmp_path: Path):
@@ -170,15 +206,20 @@ def test_teacher_centres(toy_data: Path, teacher_run: Path, tmp_path: Path):
         expected = F.normalize(emb[labels == c].mean(0), dim=0)
         torch.testing.assert_close(centres[c], expected, rtol=1e-4, atol=1e-5)
 
-    frozen = DistillTrainer(load_config(None, _student_args(toy_data, tmp_path / "f", teacher_run,
-                                                            "distill.centres=frozen")))
+    frozen = DistillTrainer(
+        load_config(None, _student_args(toy_data, tmp_path / "f", teacher_run, "distill.centres=frozen"))
+    )
     torch.testing.assert_close(frozen.model.head.weight.detach(), centres, rtol=1e-4, atol=1e-5)
     assert (tmp_path / "f" / "teacher_centres.safetensors").is_file()
     frozen.fit()
     torch.testing.assert_close(frozen.model.head.weight.detach(), centres, rtol=1e-4, atol=1e-5)
 
-    ema = DistillTrainer(load_config(None, _student_args(toy_data, tmp_path / "e", teacher_run,
-                                                         "distill.centres=ema", "distill.centres_momentum=0.5")))
+    ema = DistillTrainer(
+        load_config(
+            None,
+            _student_args(toy_data, tmp_path / "e", teacher_run, "distill.centres=ema", "distill.centres_momentum=0.5"),
+        )
+    )
     ema.fit()
     w = ema.model.head.weight.detach()
     assert not torch.allclose(w, centres, atol=1e-4)  # moved by the batches' teacher embeddings
@@ -191,8 +232,9 @@ def test_distillation_resume_equals_uninterrupted(toy_data: Path, teacher_run: P
     whole.fit()
     first = DistillTrainer(load_config(None, _student_args(toy_data, tmp_path / "b", teacher_run, *extra)))
     first.fit(until=3)
-    second = DistillTrainer(load_config(None, _student_args(toy_data, tmp_path / "b", teacher_run, *extra,
-                                                            "resume=auto")))
+    second = DistillTrainer(
+        load_config(None, _student_args(toy_data, tmp_path / "b", teacher_run, *extra, "resume=auto"))
+    )
     second.fit()
 
     def losses(run: Path) -> list[float]:
@@ -208,6 +250,15 @@ def test_distill_cli_teacher_flag(toy_data: Path, teacher_run: Path, tmp_path: P
     assert main(args) == 0
     saved = (tmp_path / "r" / "config.yaml").read_text()
     assert f"teacher: {teacher_run}" in saved
-    assert main(["distill", "--teacher", str(tmp_path / "missing.pth"),
-                 *tiny_run_args(toy_data, tmp_path / "r2", "total_steps=2")]) == 2
+    assert (
+        main(
+            [
+                "distill",
+                "--teacher",
+                str(tmp_path / "missing.pth"),
+                *tiny_run_args(toy_data, tmp_path / "r2", "total_steps=2"),
+            ]
+        )
+        == 2
+    )
     assert "missing.pth" in capsys.readouterr().err

@@ -88,7 +88,8 @@ def test_evaluation_uses_ema_weights(toy_data: Path, tmp_path: Path):
     assert got["threshold/toy_val"] == pytest.approx(ema.threshold)
     # the two weight sets really differ, so the check above is meaningful
     assert any(
-        not torch.equal(a, b) for a, b in zip(t.model.backbone.state_dict().values(), t.ema.module.state_dict().values())
+        not torch.equal(a, b)
+        for a, b in zip(t.model.backbone.state_dict().values(), t.ema.module.state_dict().values())
     )
     assert live.accuracy >= 0.0
 

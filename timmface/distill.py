@@ -201,8 +201,9 @@ def compute_teacher_centres(
         dist.all_reduce(counts)
     if bool((counts == 0).any()):
         empty = int((counts == 0).nonzero()[0])
-        warnings.warn(f"teacher class centres: class {empty} has no readable image; its centre stays random",
-                      stacklevel=2)
+        warnings.warn(
+            f"teacher class centres: class {empty} has no readable image; its centre stays random", stacklevel=2
+        )
         sums[counts == 0] = torch.randn_like(sums[counts == 0])
     return F.normalize((sums / counts.clamp_min(1)[:, None]).float(), dim=1)
 
@@ -231,8 +232,9 @@ class DistillTrainer(Trainer):
         if not dc.teacher and not dc.cache:
             raise ConfigError("distillation needs a teacher: pass --teacher PATH (distill.teacher) or distill.cache")
         if dc.feature_weight == 0 and dc.relation_weight == 0 and dc.centres == "off":
-            warnings.warn("all distillation weights are zero and distill.centres=off: this is plain training",
-                          stacklevel=2)
+            warnings.warn(
+                "all distillation weights are zero and distill.centres=off: this is plain training", stacklevel=2
+            )
         self.teacher = None
         self.cache = None
         self.teacher_fingerprint = ""
@@ -262,12 +264,16 @@ class DistillTrainer(Trainer):
                     f"{self.cfg.data.image_size}"
                 )
             if self.cache.num_records != len(self.dataset):
-                raise DataError(f"{dc.cache}: cache has {self.cache.num_records} records, the data has "
-                                f"{len(self.dataset)}")
+                raise DataError(
+                    f"{dc.cache}: cache has {self.cache.num_records} records, the data has {len(self.dataset)}"
+                )
             missing = self.cache.missing()
             if len(missing) and self.is_main:
-                print(f"warning: {dc.cache}: {len(missing)} records have no teacher embedding (first: index "
-                      f"{int(missing[0])}); training stops if one of them is drawn", flush=True)
+                print(
+                    f"warning: {dc.cache}: {len(missing)} records have no teacher embedding (first: index "
+                    f"{int(missing[0])}); training stops if one of them is drawn",
+                    flush=True,
+                )
             self.teacher_dim = int(self.cache.dim)
         else:
             from teachers import TeacherWrapper
@@ -276,8 +282,9 @@ class DistillTrainer(Trainer):
             dtype = dc.teacher_dtype
             if self.device.type == "cpu" and dtype == "float16":
                 dtype = "float32"  # fp16 convolutions are not implemented on every CPU
-            self.teacher = TeacherWrapper(module, dtype=dtype, channels_last=self.cfg.model.channels_last,
-                                          compile=dc.teacher_compile).to(self.device)
+            self.teacher = TeacherWrapper(
+                module, dtype=dtype, channels_last=self.cfg.model.channels_last, compile=dc.teacher_compile
+            ).to(self.device)
             self.teacher_dim = int(self.teacher.embed_dim)
         if self.is_main:
             src = f"cache {dc.cache}" if self.cache is not None else f"teacher {dc.teacher} (online)"
@@ -350,8 +357,11 @@ class DistillTrainer(Trainer):
 
     def _teacher_centres(self) -> Tensor:
         path = self.output_dir / "teacher_centres.safetensors"
-        meta = {"teacher": self.teacher_fingerprint or (self.cache.teacher_fingerprint if self.cache else ""),
-                "dataset": self.dataset_fingerprint, "num_classes": str(self.num_classes)}
+        meta = {
+            "teacher": self.teacher_fingerprint or (self.cache.teacher_fingerprint if self.cache else ""),
+            "dataset": self.dataset_fingerprint,
+            "num_classes": str(self.num_classes),
+        }
         from safetensors.torch import load_file, safe_open, save_file
 
         if path.is_file():
@@ -359,9 +369,16 @@ class DistillTrainer(Trainer):
                 if f.metadata() == meta:
                     return load_file(str(path))["centres"]
         centres = compute_teacher_centres(
-            self.dataset, self.num_classes, teacher=self.teacher, cache=self.cache,
-            batch_size=self.cfg.eval_batch_size, device=self.device, image_size=self.cfg.data.image_size,
-            num_workers=min(2, self.cfg.data.num_workers), rank=self.world.rank, world_size=self.world.world_size,
+            self.dataset,
+            self.num_classes,
+            teacher=self.teacher,
+            cache=self.cache,
+            batch_size=self.cfg.eval_batch_size,
+            device=self.device,
+            image_size=self.cfg.data.image_size,
+            num_workers=min(2, self.cfg.data.num_workers),
+            rank=self.world.rank,
+            world_size=self.world.world_size,
         ).cpu()
         if self.is_main:
             tmp = path.with_suffix(".tmp")

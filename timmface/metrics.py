@@ -24,8 +24,15 @@ def _plain(value: Any) -> Any:
 class MetricsWriter:
     """Appends one JSON object per line (``{"step": ..., ...}``) to ``output_dir/metrics.jsonl``."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool = True, wandb: bool = False, tensorboard: bool = False,
-                 wandb_project: str = "timmface", config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        enabled: bool = True,
+        wandb: bool = False,
+        tensorboard: bool = False,
+        wandb_project: str = "timmface",
+        config: dict[str, Any] | None = None,
+    ) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.enabled = enabled
         self._wandb = self._tb = None

@@ -12,7 +12,10 @@ from timmface.config import Config, load_config, to_dict
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="YAML config file (defaults for every key not given)")
     parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=5e-4 model.kwargs.patch_size=8"
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. optim.lr=5e-4 model.kwargs.patch_size=8",
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
