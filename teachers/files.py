@@ -35,15 +35,61 @@ def first_line(error: BaseException) -> str:
     return type(error).__name__
 
 
+class LightningAttributeDict(dict):
+    """Inert stand-in for Lightning's ``AttributeDict`` (the ``hyper_parameters`` of a ``.ckpt``).
+
+    ``torch.load`` builds it with ``cls.__new__(cls)`` and then fills it with SETITEMS, which the weights-only
+    unpickler allows on plain dicts only; so ``__new__`` returns a plain (empty) ``dict``: no code of the
+    file's choosing runs, and the hyper-parameters come back as data.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> dict:  # type: ignore[misc]
+        return {}
+
+
+class ArgparseNamespace:
+    """Inert stand-in for ``argparse.Namespace`` (AdaFace keeps its command-line arguments in the ``.ckpt``):
+    the pickled attributes are stored as they are, nothing else happens."""
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.__dict__.update({str(k): v for k, v in state.items()})
+
+    def __repr__(self) -> str:
+        return f"Namespace({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+# Exactly these names (what released Lightning checkpoints, AdaFace's among them, pickle) map to the inert
+# stand-ins above through torch's weights-only allow-list; every other global is still refused.
+LIGHTNING_SAFE_GLOBALS: list[tuple[type, str]] = [
+    (LightningAttributeDict, "pytorch_lightning.utilities.parsing.AttributeDict"),
+    (LightningAttributeDict, "lightning_fabric.utilities.data.AttributeDict"),
+    (LightningAttributeDict, "lightning.fabric.utilities.data.AttributeDict"),
+    (LightningAttributeDict, "lightning.pytorch.utilities.parsing.AttributeDict"),
+    (ArgparseNamespace, "argparse.Namespace"),
+]
+
+
 def safe_torch_load(path: Path) -> Any:
     """``torch.load(path, weights_only=True, map_location="cpu")``, with one-line :class:`TeacherError` s.
 
     weights-only unpickling allows tensors and plain containers only: a pickle that asks for any other
     global (``os.system``, ``builtins.exec``, a class from a training script) is refused before
-    anything is called, and we never retry with unsafe (code-running) loading.
+    anything is called, and we never retry with unsafe (code-running) loading. The only additions are the
+    Lightning hyper-parameter containers of :data:`LIGHTNING_SAFE_GLOBALS`, mapped to inert stand-ins.
+    A zip whose records claim more bytes than the file holds is refused before torch's reader allocates them.
     """
+    from timmface.checkpoint import zip_problem
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        problem = zip_problem(path)
+    except OSError as e:
+        raise TeacherError(f"{path}: cannot read ({e.strerror})") from None
+    if problem is not None:
+        raise TeacherError(f"{path}: cannot read as a PyTorch file (truncated or corrupt?): {problem}")
+    try:
+        with torch.serialization.safe_globals(LIGHTNING_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         message = str(e)
         if any(s in message for s in _REFUSED):
@@ -53,17 +99,16 @@ def safe_torch_load(path: Path) -> Any:
                 f"{path}: refused to unpickle: the file asks for {what}, which could run code "
                 "(nothing was run; teachers are loaded weights-only)"
             ) from None
-        raise TeacherError(f"{path}: cannot read as a PyTorch file (truncated or corrupt?): {_tail(message)}") from None
+        raise TeacherError(f"{path}: cannot read as a PyTorch file (truncated or corrupt?): {_tail(e)}") from None
     except Exception as e:  # any other failure to parse: zip reader, truncated pickle, bad storage
-        raise TeacherError(f"{path}: cannot read as a PyTorch file (truncated or corrupt?): {first_line(e)}") from None
+        raise TeacherError(f"{path}: cannot read as a PyTorch file (truncated or corrupt?): {_tail(e)}") from None
 
 
-def _tail(message: str) -> str:
-    # torch wraps unpickler errors in a long explanation; the cause is on the "WeightsUnpickler error" line
-    for line in message.splitlines():
-        if "WeightsUnpickler error" in line:
-            return line.split("WeightsUnpickler error:", 1)[-1].strip()
-    return first_line(Exception(message))
+def _tail(error: BaseException) -> str:
+    # torch wraps unpickler errors in paragraphs of advice; the cause is on a line of its own
+    from timmface.checkpoint import error_cause
+
+    return error_cause(error)[:200]
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

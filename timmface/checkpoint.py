@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,18 @@ from typing import Any
 import torch
 
 from timmface.errors import CheckpointError
+from timmface.faults import fault
 
 FORMAT = "timmface"
 VERSION = 1
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 _SHARD = re.compile(r"^step_(\d{8,})\.shard(\d+)of(\d+)\.pt$")
 _PREFIXES = ("module.", "_orig_mod.")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6 (what torch.load sniffs, too)
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose pickle asks for code (a global beyond tensors and plain data): never skipped silently."""
 
 
 def checkpoint_path(output_dir: str | Path, step: int) -> Path:
@@ -109,23 +116,52 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class _Writer:
+    """The file torch.save writes to, keeping the first OSError: torch's zip writer turns a failed write
+    into ``RuntimeError: ... unexpected pos``, which would hide "No space left on device"."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` through a temporary file + rename; raises CheckpointError on failure."""
+    """``torch.save`` to ``path`` through a temporary file + rename; raises CheckpointError on failure.
+
+    The temporary file sits in the same folder (so the rename is atomic) under a name no checkpoint
+    listing matches, and is removed on any failure; ``path`` itself is only ever a complete file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    writer: _Writer | None = None
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            writer = _Writer(f)
+            torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())
+        fault("checkpoint.written", file=tmp, name=path.name)  # test-only (timmface/faults.py)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        raise CheckpointError(f"{path}: could not write checkpoint ({e.__class__.__name__}: {e})") from e
+        cause = writer.error if writer is not None and writer.error is not None else e
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause).strip()
+        reason = (reason.splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: could not write checkpoint ({cause.__class__.__name__}: {reason})") from e
 
 
 def save_checkpoint(
@@ -144,7 +180,8 @@ def save_checkpoint(
             for r in range(world):
                 shard_path(output_dir, step, r, world).unlink(missing_ok=True)
     atomic_save({"format": FORMAT, "version": VERSION, "step": step, "rank_files": rank_files, **state}, path)
-    prune_checkpoints(output_dir, keep_last)
+    fault("checkpoint.renamed", file=path)  # test-only: a kill here leaves more than keep_last, all complete
+    prune_checkpoints(output_dir, keep_last)  # only now: the new checkpoint is complete on disk
     return path
 
 
@@ -188,17 +225,84 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def zip_problem(path: str | Path) -> str | None:
+    """Why a ``torch.save`` zip must not be handed to ``torch.load``, or None (also for non-zip files).
+
+    torch's zip reader allocates each record's claimed size before reading it, and a claim it cannot
+    allocate aborts the process (``std::bad_alloc``; found by fuzzing). Python's zipfile reads the same
+    central directory without allocating from it, so every entry is checked against the file's size first.
+    torch writes uncompressed (stored) entries only.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(4) != _ZIP_MAGIC:
+            return None
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except Exception as e:  # BadZipFile, struct.error, ValueError, ...: any way a zip can be broken
+        return f"corrupt zip container ({e.__class__.__name__}: {str(e).strip()[:120]})"
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED:
+            return f"zip entry {info.filename!r} is compressed, which torch.save never writes"
+        if max(info.file_size, info.compress_size) + info.header_offset > size:
+            return f"zip entry {info.filename!r} claims {info.file_size} bytes at byte {info.header_offset} of {size}"
+    return None
+
+
+# opcodes that build objects by calling code; torch's weights-only unpickler has no handler for them and
+# says "Unsupported operand N": STACK_GLOBAL, INST, OBJ, NEWOBJ_EX, EXT1, EXT2, EXT4
+_CODE_OPCODES = {0x93, ord("i"), ord("o"), 0x92, 0x82, 0x83, 0x84}
+_REFUSALS = ("Unsupported global", "unsupported GLOBAL", "Trying to call reduce", "Can only create new object",
+             "Can only build", "Can only append", "Can only SETITEM", "Only persistent_load of storage")  # fmt: skip
+
+
+_TORCH_PREAMBLE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def error_cause(error: BaseException) -> str:
+    """The line of an exception's message that says what went wrong: torch.load wraps every weights-only
+    unpickler error in paragraphs of advice, with the cause on a line of its own."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    causes = [line for line in lines if not line.startswith(_TORCH_PREAMBLE)]
+    return (causes or lines or [error.__class__.__name__])[0]
+
+
+def refused_global(error: BaseException) -> str | None:
+    """What a weights-only unpickling error refused (``'posix.system'``, ``'a non-data object'``), or None
+    when the error is not a refusal (a corrupt or truncated file)."""
+    cause = error_cause(error)
+    m = re.search(r"Unsupported operand (\d+)", cause)
+    if not any(r in cause for r in _REFUSALS) and not (m and int(m.group(1)) in _CODE_OPCODES):
+        return None
+    m = re.search(r"GLOBAL (\S+)", cause) or re.search(r"function (\S+)", cause)
+    return f"'{m.group(1).rstrip('.')}'" if m else "a non-data object"
+
+
 def _torch_load(path: Path, mmap: bool = False) -> Any:
+    try:
+        problem = zip_problem(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    if problem is not None:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({problem})")
+    with open(path, "rb") as f:
+        zipped = f.read(4) == _ZIP_MAGIC
+    if not zipped:  # timmface has only ever written zip checkpoints; the legacy format's reader trusts its sizes
+        raise CheckpointError(f"{path}: not a timmface training checkpoint (not a torch.save zip file)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise CheckpointError(
-                f"{path}: refused to load: the file contains Python objects beyond tensors and plain data "
-                "(loading it could run code)"
-            ) from e
-        raise CheckpointError(f"{path}: not a readable checkpoint ({e.__class__.__name__}: {text[:200]})") from e
+        what = refused_global(e)
+        if what is not None:
+            raise UnsafeCheckpointError(
+                f"{path}: refused to load: the file asks for {what}, which could run code "
+                "(nothing was run; checkpoints are loaded weights-only)"
+            ) from None
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({e.__class__.__name__}: {error_cause(e)[:200]})"
+        ) from None
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
@@ -212,8 +316,11 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     obj = _torch_load(path, mmap)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a timmface training checkpoint (no 'format: {FORMAT}' entry)")
-    if int(obj.get("version", 0)) > VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {obj['version']} is newer than this timmface ({VERSION})")
+    version = obj.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):  # (int() of a tensor or text could raise)
+        raise CheckpointError(f"{path}: not a timmface training checkpoint (version {str(version)[:40]!r})")
+    if version > VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {version} is newer than this timmface ({VERSION})")
     return obj
 
 
@@ -299,17 +406,31 @@ def load_resume(resume: str, output_dir: str | Path) -> tuple[Path, dict[str, An
 
     ``auto``: the newest *readable* checkpoint in ``output_dir`` (an unreadable one is reported and
     skipped), or None when there is none. A directory: its newest checkpoint. A file: that file.
+
+    With ``auto``, a checkpoint that asks for code (:class:`UnsafeCheckpointError`) stops the run instead of
+    being skipped (someone put it there), and so does a run whose checkpoints are all unreadable: starting
+    afresh would prune them.
     """
     if not resume:
         return None
     if resume == "auto":
-        for _, path in reversed(list_checkpoints(output_dir)):
+        found = list_checkpoints(output_dir)
+        first: CheckpointError | None = None
+        for _, path in reversed(found):
             try:
                 ckpt = load_checkpoint(path)
                 checkpoint_shards(path, ckpt)  # every rank file present
                 return path, ckpt
+            except UnsafeCheckpointError:
+                raise
             except CheckpointError as e:
+                first = first or e
                 warnings.warn(f"skipping unreadable checkpoint: {e}", stacklevel=2)
+        if first is not None:
+            raise CheckpointError(
+                f"{output_dir}: none of its {len(found)} checkpoints can be read (newest: {first}); "
+                "to start over, run without resume=auto and with overwrite=true"
+            )
         return None
     p = Path(resume)
     if p.is_dir():

@@ -308,8 +308,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             except ValueError:
                 pass
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        if isinstance(value, float) or (
+            isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**1023
+        ):
+            return float(value)  # (an int past float's range raises OverflowError: it falls through to the error)
         if isinstance(value, str):  # YAML 1.1 reads "5e-4" as a string
             try:
                 return float(value)
@@ -382,26 +384,39 @@ def _nest_plain(parts: list[str], value: Any) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[str, Any]:
     """``"optim.lr=5e-4"`` -> ``("optim.lr", "5e-4")`` with the value read as a YAML scalar."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key=value")
+        raise ConfigError(f"override {_short(repr(text))} is not of the form key=value")  # repr: one line
     key, raw = text.split("=", 1)
     key = key.strip().removeprefix("--")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({e.__class__.__name__})") from e
+    except (yaml.YAMLError, RecursionError) as e:  # PyYAML recurses once per nesting level: "[[[[..." overflows
+        raise ConfigError(f"override {_short(repr(text))}: value is not valid YAML ({e.__class__.__name__})") from None
     return key, value
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """``text`` cut for an error line (an override or a path may be arbitrarily long)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    if not path.is_file():  # (False, not ValueError, for a path with a NUL byte)
+        raise ConfigError(f"{_short(str(path))}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        # bytes, not text: PyYAML detects UTF-8/16 itself and reports bad bytes as a YAMLError, where
+        # read_text() would raise UnicodeDecodeError (found by fuzzing)
+        data = yaml.safe_load(path.read_bytes()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from e
+        # the first line of PyYAML's message says what was refused, e.g. a !!python/object tag
+        problem = getattr(e, "problem", None) or str(e).strip().split("\n")[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {_short(str(problem), 160)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
+    except (OSError, ValueError) as e:  # a directory, no permission, a NUL byte or an over-long name (via 'base')
+        raise ConfigError(f"{_short(str(path))}: cannot read the config file ({e.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping of keys, got {type(data).__name__}")
     return data
@@ -416,7 +431,10 @@ def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML file; a top-level ``base: other.yaml`` (relative to it) is read first."""
-    path = path.resolve()
+    try:
+        path = path.resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # NUL byte, name too long, symlink loop (a 'base' is user text)
+        raise ConfigError(f"{_short(str(path))}: cannot read the config file ({e.__class__.__name__})") from None
     if path in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     data = load_yaml(path)
@@ -449,10 +467,11 @@ def config_from_dict(data: dict[str, Any], source: str = "") -> Config:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that the type system cannot express."""
+    if cfg.optim.grad_accum < 1:  # before the list: its divisibility check would divide by zero (found by fuzzing)
+        raise ConfigError("optim.grad_accum must be >= 1")
     checks = [
         (cfg.total_steps > 0, "total_steps must be > 0"),
         (cfg.batch_size > 0, "batch_size must be > 0"),
-        (cfg.optim.grad_accum >= 1, "optim.grad_accum must be >= 1"),
         (cfg.batch_size % cfg.optim.grad_accum == 0, "batch_size must be divisible by optim.grad_accum"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.warmup >= 0, "optim.warmup must be >= 0"),

@@ -139,6 +139,9 @@ def _read_header(path: Path) -> dict[str, Any]:
             (length,) = struct.unpack("<Q", head[8:])
             if length > 1 << 30:
                 raise DataError(f"{path}: corrupt embedding file (header length {length})")
+            # compared with the file before reading: read(n) allocates n bytes up front
+            if length > os.fstat(f.fileno()).st_size - 16:
+                raise DataError(f"{path}: truncated embedding file (header cut short)")
             text = f.read(length)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
@@ -146,29 +149,44 @@ def _read_header(path: Path) -> dict[str, Any]:
         raise DataError(f"{path}: truncated embedding file (header cut short)")
     try:
         meta = json.loads(text.decode("utf-8"))
-    except ValueError:
+    except (ValueError, RecursionError):  # json recurses per nesting level: "[[[[..." overflows (found by fuzzing)
         raise DataError(f"{path}: corrupt embedding file (header is not JSON)") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise DataError(f"{path}: not a timmface embedding file (format {meta.get('format')!r})")
+    if not isinstance(meta, dict):  # (checked alone: a list has no .get for the message below)
+        raise DataError(f"{path}: not a timmface embedding file (header is a JSON {type(meta).__name__})")
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{path}: not a timmface embedding file (format {_shown(meta.get('format'))})")
     if meta.get("version") != VERSION:
-        raise DataError(f"{path}: embedding file version {meta.get('version')!r} is not supported (expected {VERSION})")
-    if meta.get("dtype") not in _DTYPES:
-        raise DataError(f"{path}: unsupported dtype {meta.get('dtype')!r}")
+        raise DataError(
+            f"{path}: embedding file version {_shown(meta.get('version'))} is not supported (expected {VERSION})"
+        )
+    if not isinstance(meta.get("dtype"), str) or meta["dtype"] not in _DTYPES:  # (a list is unhashable)
+        raise DataError(f"{path}: unsupported dtype {_shown(meta.get('dtype'))}")
     for key in ("num_records", "dim", "views", "data_offset", "done_offset"):
         if key not in meta:
             raise DataError(f"{path}: embedding file header has no '{key}'")
-    n, v, d = int(meta["num_records"]), len(meta["views"]), int(meta["dim"])
+    # every size field a JSON integer of the right sign before any arithmetic (fuzzing found None, strings,
+    # floats and negative counts that would reach int() or np.memmap)
+    for key, least in (("num_records", 0), ("dim", 1), ("data_offset", 0), ("done_offset", 0)):
+        value = meta[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise DataError(f"{path}: corrupt embedding file ({key} is {_shown(value)})")
+    views = meta["views"]
+    if not isinstance(views, list) or not views or not all(isinstance(v, str) for v in views):
+        raise DataError(f"{path}: corrupt embedding file (views is {_shown(views)})")
+    n, v, d = meta["num_records"], len(views), meta["dim"]
     itemsize = np.dtype(_DTYPES[meta["dtype"]]).itemsize
-    if (
-        int(meta["data_offset"]) < 16 + length
-        or int(meta["done_offset"]) != int(meta["data_offset"]) + n * v * d * itemsize
-    ):
+    if meta["data_offset"] < 16 + length or meta["done_offset"] != meta["data_offset"] + n * v * d * itemsize:
         raise DataError(f"{path}: corrupt embedding file (offsets do not match the shape)")
-    need = int(meta["done_offset"]) + n
+    need = meta["done_offset"] + n
     size = path.stat().st_size
     if size < need:
         raise DataError(f"{path}: truncated embedding file ({size} bytes, needs {need})")
     return meta
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _create_file(

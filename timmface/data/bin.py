@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import pickletools
 import struct
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -161,6 +162,24 @@ class _BinUnpickler(pickle.Unpickler):
         raise _Refused("a persistent id")
 
 
+def _check_opcodes(data: bytes) -> None:
+    """Walk the pickle's opcodes (in pure Python, over bytes in memory) before the C unpickler sees them.
+
+    The C unpickler (Python 3.11) allocates a string's or frame's claimed length, and grows its memo to a
+    ``LONG_BINPUT`` index, *before* it reads any data: a 20-byte file can ask for terabytes (fuzzing found
+    BINBYTES8, BINUNICODE8, FRAME and LONG_BINPUT). ``pickletools.genops`` reads each argument with
+    ``BytesIO.read``, which returns at most what the file holds, and raises ValueError when it is short.
+    Memo indices must stay below the number of opcodes seen: a pickler numbers them 0, 1, 2, ...
+    """
+    count = 0
+    for opcode, arg, _ in pickletools.genops(data):
+        count += 1
+        if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and int(arg) > count:
+            raise ValueError(f"memo index {arg} at opcode {count}")
+        if opcode.name == "STOP":
+            return
+
+
 def _as_image(item: Any) -> bytes | None:
     if isinstance(item, _Array):
         item = item.array
@@ -199,8 +218,9 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], list[bool]]:
     if not path.is_file():
         raise DataError(f"{path}: no such verification file")
     try:
-        with open(path, "rb") as f:
-            obj = _BinUnpickler(f).load()
+        data = path.read_bytes()
+        _check_opcodes(data)
+        obj = _BinUnpickler(io.BytesIO(data)).load()
     except _Refused as e:
         raise DataError(
             f"{path}: refused to unpickle {e.what}: .bin files may only contain bytes, lists and bools"

@@ -23,6 +23,7 @@ mtime and a hash of its head and tail, so a changed ``train.idx`` is re-parsed.
 from __future__ import annotations
 
 import hashlib
+import math
 import mmap
 import os
 import shutil
@@ -48,6 +49,12 @@ IR_SIZE = struct.calcsize(IR_FORMAT)  # 24
 _FLOAT_EXACT = 1 << 24  # float32 labels hold integers exactly only below 2**24
 _CACHE_VERSION = "1"
 _HASH_SPAN = 1 << 16  # bytes of head and tail of train.idx hashed into the cache fingerprint
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_MAX_SIDE = 65535  # the largest JPEG (and GIF) side; property values beyond it are not image sizes
+# Refuse to decode images of more pixels than this (PIL's default MAX_IMAGE_PIXELS, ~0.25 GiB as RGB): the
+# decoders allocate height x width x 3 bytes from the header's size fields before reading a single pixel, so a
+# 2 kB file that claims 60000x60000 would ask for 10.8 GB.
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 # ----------------------------------------------------------------------------------------------- records
@@ -79,16 +86,20 @@ def pack_payload(label: float | tuple[float, ...] | list[float], data: bytes, id
 
 
 def unpack_payload(payload: bytes | memoryview) -> tuple[IRHeader, bytes]:
-    """Split a payload into its :class:`IRHeader` and the image bytes (``mx.recordio.unpack``)."""
+    """Split a payload into its :class:`IRHeader` and the image bytes (``mx.recordio.unpack``).
+
+    Raises :class:`CorruptRecordError` (the project's error, so a reader of untrusted files needs to
+    catch nothing else) when the payload is too short for its header or the labels it announces.
+    """
     if len(payload) < IR_SIZE:
-        raise ValueError(f"payload of {len(payload)} bytes is shorter than the {IR_SIZE}-byte IRHeader")
+        raise CorruptRecordError(f"payload of {len(payload)} bytes is shorter than the {IR_SIZE}-byte IRHeader")
     flag, label, id_, id2 = struct.unpack_from(IR_FORMAT, payload, 0)
     start = IR_SIZE
     labels: tuple[float, ...] = ()
     if flag > 0:
         start += 4 * flag
-        if len(payload) < start:
-            raise ValueError(f"IRHeader announces {flag} labels but the payload has only {len(payload)} bytes")
+        if len(payload) < start:  # checked before the labels are unpacked: flag is a size field of the file
+            raise CorruptRecordError(f"IRHeader announces {flag} labels but the payload has only {len(payload)} bytes")
         labels = struct.unpack_from(f"<{flag}f", payload, IR_SIZE)
     return IRHeader(flag, label, id_, id2, labels), bytes(payload[start:])
 
@@ -121,10 +132,11 @@ def parse_idx(data: bytes, source: str | os.PathLike = "train.idx") -> tuple[np.
     """Parse ``train.idx`` text into ``(keys, offsets)`` int64 arrays, in file order.
 
     ``np.fromstring(sep=" ")`` parses whitespace-separated integers in C (a 5.2M-line index in ~0.3 s,
-    where ``np.loadtxt`` takes a minute); anything it cannot explain falls back to a line-by-line parse
+    about as fast as ``np.loadtxt`` with numpy 2.x and far faster than a per-line loop; the parsed arrays are
+    cached as binary, see :func:`load_index`); anything it cannot explain falls back to a line-by-line parse
     that names the bad line.
     """
-    if data.translate(None, b"0123456789\t\n\r ") == b"":
+    if data.translate(None, b"0123456789\t\n\r ") == b"":  # (so no sign: keys and offsets >= 0 here)
         lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -132,7 +144,9 @@ def parse_idx(data: bytes, source: str | os.PathLike = "train.idx") -> tuple[np.
                 values = np.fromstring(data.decode("ascii"), dtype=np.int64, sep=" ")
             except (ValueError, DeprecationWarning):
                 values = None
-        if values is not None and values.size == 2 * lines:
+        # numpy clamps a number past int64 to the int64 maximum without a word (fuzzing found it): such an
+        # index goes to the strict parse, which names the line
+        if values is not None and values.size == 2 * lines and not (values == np.iinfo(np.int64).max).any():
             pairs = values.reshape(-1, 2)
             return np.ascontiguousarray(pairs[:, 0]), np.ascontiguousarray(pairs[:, 1])
     return _parse_idx_lines(data, source)
@@ -150,7 +164,7 @@ def _parse_idx_lines(data: bytes, source: str | os.PathLike) -> tuple[np.ndarray
             if len(fields) != 2:
                 raise ValueError
             key, offset = int(fields[0]), int(fields[1])
-            if offset < 0:
+            if offset < 0 or not _INT64_MIN <= key < _INT64_MAX or offset >= _INT64_MAX:  # np.asarray below
                 raise ValueError
         except ValueError:
             text = line.decode("latin-1").strip()[:60]
@@ -187,13 +201,24 @@ def index_cache_paths(idx_path: str | os.PathLike, cache_dir: str | os.PathLike 
 
 
 def _read_cache(path: Path, fingerprint: str) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None when the cache is missing, stale or damaged in any way.
+
+    The cache is only ever a shortcut, so every failure to read it means "parse train.idx again": a damaged
+    zip raises BadZipFile, struct.error, zlib.error, ... (fuzzing found several), not only OSError.
+    """
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["fingerprint"]) != fingerprint:
                 return None
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError, KeyError, EOFError):  # missing, stale format or half-written by another tool
+            arrays = {k: z[k] for k in z.files}
+    except Exception:
         return None
+    keys, offsets = arrays.get("keys"), arrays.get("offsets")
+    if keys is None or offsets is None:
+        return arrays  # an entry written by _update_cache's caller before the index: checked by its reader
+    if keys.ndim != 1 or keys.shape != offsets.shape or keys.dtype.kind != "i" or offsets.dtype.kind != "i":
+        return None
+    return arrays
 
 
 def _write_cache(paths: list[Path], arrays: dict[str, np.ndarray]) -> Path | None:
@@ -256,6 +281,65 @@ def _cached_array(idx_path: Path, cache_dir: str | os.PathLike | None, name: str
 # ----------------------------------------------------------------------------------------------- decoding
 
 
+def image_size_from_header(data: bytes | bytearray | memoryview) -> tuple[int, int] | None:
+    """``(height, width)`` from the header of a JPEG, PNG, GIF or WebP, without decoding; None if unknown.
+
+    Only the few bytes the formats define are read (JPEG: the first SOF marker; PNG: IHDR; GIF: the
+    logical screen; WebP: the VP8 / VP8L / VP8X header).
+    """
+    head = bytes(data[:32])
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 24:
+        w, h = struct.unpack_from(">II", head, 16)
+        return h, w
+    if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
+        w, h = struct.unpack_from("<HH", head, 6)
+        return h, w
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP" and len(head) >= 30:
+        chunk = head[12:16]
+        if chunk == b"VP8X":  # 24-bit canvas width - 1 and height - 1
+            return int.from_bytes(head[27:30], "little") + 1, int.from_bytes(head[24:27], "little") + 1
+        if chunk == b"VP8L":  # 14-bit width - 1, 14-bit height - 1
+            bits = int.from_bytes(head[21:25], "little")
+            return ((bits >> 14) & 0x3FFF) + 1, (bits & 0x3FFF) + 1
+        if chunk == b"VP8 ":  # 14-bit width and height after the key-frame start code
+            w, h = struct.unpack_from("<HH", head, 26)
+            return h & 0x3FFF, w & 0x3FFF
+        return None
+    if head[:2] != b"\xff\xd8":
+        return None
+    view = memoryview(data)
+    pos, n = 2, len(view)
+    while pos + 4 <= n:  # JPEG markers up to the first start-of-frame
+        if view[pos] != 0xFF:
+            return None
+        marker = view[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # standalone markers
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return None
+        (length,) = struct.unpack_from(">H", view, pos + 2)
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and pos + 9 <= n:
+            h, w = struct.unpack_from(">HH", view, pos + 5)
+            return h, w
+        pos += 2 + length
+    return None
+
+
+def check_image_size(data: bytes | bytearray | memoryview, key: int | str | None, source: str) -> None:
+    """Raise :class:`CorruptRecordError` when the image header claims more than ``MAX_IMAGE_PIXELS`` pixels."""
+    size = image_size_from_header(data)
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise CorruptRecordError(
+            f"{source}: key {key}: image header claims {size[0]}x{size[1]} pixels; decoding would need "
+            f"{3 * size[0] * size[1] / 2**30:.1f} GiB (more than MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS})",
+            key=key,
+        )
+
+
 def decode_image_bytes(
     data: bytes | bytearray | memoryview, key: int | str | None = None, source: str = ""
 ) -> torch.Tensor:
@@ -267,6 +351,7 @@ def decode_image_bytes(
 
     if len(data) == 0:
         raise CorruptRecordError(f"{source}: key {key}: empty image", key=key)
+    check_image_size(data, key, source)
     try:
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as e:
@@ -355,7 +440,8 @@ class RecordIODataset(Dataset):
         text = prop.read_text(errors="replace").strip()
         try:
             fields = [int(x) for x in text.replace(" ", "").split(",")]
-            if len(fields) != 3 or min(fields) <= 0:
+            # size fields: float32 labels address at most 2**24 classes, JPEG sides are below 2**16
+            if len(fields) != 3 or min(fields) <= 0 or fields[0] > _FLOAT_EXACT or max(fields[1:]) > _MAX_SIDE:
                 raise ValueError
         except ValueError:
             raise DataError(f"{prop}: expected 'num_classes,height,width', got {text[:60]!r}") from None
@@ -392,8 +478,14 @@ class RecordIODataset(Dataset):
         if header.flag < 2 or image:
             return None
         a, b = header.labels[0], header.labels[1]
-        if not (a == int(a) and b == int(b) and 1 <= a <= b):
+        # (not int(a) first: a label may be inf or nan, and int() of those raises -- found by fuzzing)
+        if not (math.isfinite(a) and math.isfinite(b) and a == int(a) and b == int(b) and 1 <= a <= b):
             return None
+        if b > len(idx_keys):  # keys 0 .. b-1 must all be in the index: never allocate ranges the index cannot hold
+            raise DataError(
+                f"{self.rec_path}: the header record (key 0) announces keys up to {int(b) - 1}, but "
+                f"{self.idx_path.name} lists only {len(idx_keys)} records"
+            )
         return int(a), int(b)
 
     def _labels_from_identities(self, a: int, b: int) -> np.ndarray:
@@ -514,33 +606,42 @@ class RecordIODataset(Dataset):
         return self._words
 
     def _read_payload(self, key: int, offset: int) -> bytes:
-        """One record's payload, its parts joined with the magic word re-inserted (dmlc ``NextRecord``)."""
+        """One record's payload, its parts joined with the magic word re-inserted (dmlc ``NextRecord``).
+
+        A record whose framing is broken raises :class:`CorruptRecordError` naming its key: the loader skips
+        and counts it like an image that fails to decode (a flipped bit must not end a week-long run; the
+        ``data.max_bad_fraction`` limit still stops a file that is broken throughout).
+        """
         mm = self._map()
         parts: list[bytes] = []
         pos = offset
         while True:
             if pos + 8 > self._size:
-                raise DataError(
+                raise CorruptRecordError(
                     f"{self.rec_path}: record key {key} at byte {offset} runs past the end of the file "
-                    f"({self._size} bytes): truncated train.rec"
+                    f"({self._size} bytes): truncated train.rec",
+                    key=key,
                 )
             magic, lrec = struct.unpack_from("<II", mm, pos)
             if magic != MAGIC:
                 where = "" if pos == offset else f" (continuation of the record at byte {offset})"
-                raise DataError(
+                raise CorruptRecordError(
                     f"{self.rec_path}: no RecordIO magic number at byte {pos}{where} (key {key}); "
-                    "train.idx and train.rec disagree or the file is corrupt"
+                    "train.idx and train.rec disagree or the file is corrupt",
+                    key=key,
                 )
             cflag, length = lrec >> 29, lrec & _LENGTH_MASK
             if (cflag in (2, 3)) != bool(parts) or cflag > 3:
-                raise DataError(
-                    f"{self.rec_path}: record key {key} at byte {pos} has continuation flag {cflag} out of sequence"
+                raise CorruptRecordError(
+                    f"{self.rec_path}: record key {key} at byte {pos} has continuation flag {cflag} out of sequence",
+                    key=key,
                 )
             start = pos + 8
             if start + length > self._size:
-                raise DataError(
+                raise CorruptRecordError(
                     f"{self.rec_path}: record key {key} at byte {offset} needs {start + length - offset} bytes but the "
-                    f"file ends at byte {self._size}: truncated train.rec"
+                    f"file ends at byte {self._size}: truncated train.rec",
+                    key=key,
                 )
             parts.append(mm[start : start + length])
             if cflag in (0, 3):
@@ -550,14 +651,15 @@ class RecordIODataset(Dataset):
     def _unpack(self, key: int, payload: bytes) -> tuple[IRHeader, bytes]:
         try:
             return unpack_payload(payload)
-        except ValueError as e:
-            raise DataError(f"{self.rec_path}: record key {key}: {e}") from None
+        except CorruptRecordError as e:
+            raise CorruptRecordError(f"{self.rec_path}: record key {key}: {e}", key=key) from None
 
     def read_raw(self, i: int) -> tuple[bytes, int]:
         """``(encoded image bytes, label)`` of item ``i``, without decoding; the label is the record's own."""
         i = self._check_index(i)
         key = int(self.keys[i])
         header, image = self._unpack(key, self._read_payload(key, int(self._offsets[i])))
+        check_image_size(image, key, str(self.rec_path))  # here too: the loader decodes raw bytes itself
         return image, int(header.class_label)
 
     def decode(self, i: int) -> torch.Tensor:
