@@ -263,10 +263,17 @@ _TORCH_PREAMBLE = ("Weights only load failed", "Please file an issue", "Check th
 
 def error_cause(error: BaseException) -> str:
     """The line of an exception's message that says what went wrong: torch.load wraps every weights-only
-    unpickler error in paragraphs of advice, with the cause on a line of its own."""
+    unpickler error in paragraphs of advice, with the cause after "WeightsUnpickler error:" or on a line of
+    its own (both forms occur)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    causes = [line for line in lines if not line.startswith(_TORCH_PREAMBLE)]
-    return (causes or lines or [error.__class__.__name__])[0]
+    advice = [line for line in lines if not line.startswith(_TORCH_PREAMBLE) and not re.match(r"\(\d\)", line)]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            following = [x for x in lines[i + 1 :] if x in advice]
+            if rest or following:
+                return rest or following[0]
+    return (advice or lines or [error.__class__.__name__])[0]
 
 
 def refused_global(error: BaseException) -> str | None:
