@@ -30,6 +30,8 @@ __all__ = [
     "broadcast_object",
     "all_reduce_max",
     "all_reduce_sum_",
+    "is_peer_failure",
+    "first_line",
 ]
 
 
@@ -158,3 +160,32 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+# how gloo and NCCL report a rank that died (connection closed / reset) or stopped answering (timeout); gloo
+# raises a plain RuntimeError, so the message is all there is to go on
+_PEER_FAILURE = (
+    "Timed out waiting",
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "pair closure",
+    "Socket Timeout",
+    "timed out",
+    "NCCL communicator was aborted",
+    "NCCL error",
+)
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether a collective failed because another rank died or stopped answering within the process
+    group's timeout (``dist_timeout``), as opposed to a bug in this rank."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in _PEER_FAILURE)
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """The first line of an error's message without the C++ source location gloo prefixes it with."""
+    text = (str(error).strip().splitlines() or [error.__class__.__name__])[0]
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # "[/path/gloo/transport/tcp/pair.cc:545] Read error ..."
+    return text[:limit]

@@ -14,7 +14,8 @@ stop answering at a given step. The code calls :func:`fault` at those points; it
   ``checkpoint.renamed`` (the new checkpoint is in place, older ones not yet pruned), ``train.step``
   (after optimiser step ``step``).
 * ``key=value`` filters that must all match the point's context: ``name`` (the checkpoint's file name),
-  ``step``, ``rank`` (``RANK`` of the process, 0 when unset).
+  ``step``, ``rank`` (``RANK`` of the process, 0 when unset), ``restart`` (torchrun's restart count, so a
+  restarted worker group does not meet the same fault again).
 
 Example: ``TIMMFACE_FAULT=kill@checkpoint.written:name=step_00000006.pt``.
 """
@@ -45,6 +46,7 @@ def fault(point: str, file: str | os.PathLike[str] | None = None, **context: Any
     if not spec:
         return
     context.setdefault("rank", os.environ.get("RANK", "0"))
+    context.setdefault("restart", os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if file is not None:
         context.setdefault("name", Path(file).name)
     for item in spec.split(","):

@@ -13,6 +13,7 @@ import shutil
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from timmface.data.transforms import build_transform
 from timmface.ema import EMA
 from timmface.errors import CheckpointError, ConfigError, DataError, TimmfaceError
 from timmface.evaluation.verification import embed_uint8, verification_metrics
+from timmface.faults import fault
 from timmface.losses import AdaFace, build_loss
 from timmface.metrics import MetricsWriter, Progress
 from timmface.model import FaceModel, MarginHead
@@ -383,6 +385,7 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "rng": rng_state(self.device),
             "counters": {**self.counters, "elapsed_s": self.elapsed()},
+            "first_bad": list(self.first_bad) if self.first_bad is not None else None,  # named by a later stop
             "metrics": dict(self.last_eval),
         }
 
@@ -401,17 +404,43 @@ class Trainer:
         return state
 
     def save(self) -> Path:
-        """Every rank writes its rank file (multi-rank or sharded runs), then rank 0 the main file."""
+        """Every rank writes its rank file (multi-rank or sharded runs), then rank 0 the main file.
+
+        A rank that cannot write (a full disk) stops every rank at once, each naming the file: the ranks
+        agree on success with one all-reduce instead of the others waiting ``dist_timeout`` at a barrier.
+        The previous checkpoint stays the newest complete one.
+        """
         world, rank = self.world.world_size, self.world.rank
         rank_files = world if world > 1 or self.sharded_head is not None else 0
-        if rank_files:
+
+        def shard() -> None:
             save_shard(self.rank_state_dict(), self.output_dir, self.step, rank, world)
-            tdist.barrier()  # all rank files are on disk before the main file makes the step complete
-        if self.is_main:
-            save_checkpoint(self.state_dict(), self.output_dir, self.step, self.cfg.keep_last, rank_files)
-        tdist.barrier()
+
+        def main_file() -> None:
+            if self.is_main:  # after every rank file is on disk: the main file makes the step complete
+                save_checkpoint(self.state_dict(), self.output_dir, self.step, self.cfg.keep_last, rank_files)
+
+        if rank_files:
+            self._all_or_none(shard)
+        self._all_or_none(main_file)
         self.last_checkpoint = checkpoint_path(self.output_dir, self.step)
         return self.last_checkpoint
+
+    def _all_or_none(self, write: Callable[[], None]) -> None:
+        """Run ``write`` on every rank; if it failed on any, raise there (its error) and on the others."""
+        error: CheckpointError | None = None
+        try:
+            write()
+        except CheckpointError as e:
+            error = e
+        failed = tdist.all_reduce_max(float(error is not None), self.device)  # doubles as the barrier
+        if error is not None:
+            raise error
+        if failed:
+            raise CheckpointError(
+                f"{checkpoint_path(self.output_dir, self.step)}: another rank could not write its part of the "
+                "checkpoint (its log names the file and the reason); stopping"
+            )
 
     def _check_compatible(self, ckpt: dict[str, Any], path: Path) -> None:
         saved = ckpt.get("config") or {}
@@ -455,7 +484,9 @@ class Trainer:
             set_rng_state(load_checkpoint(own, mmap=True)["rng"], self.device)
         elif int(ckpt.get("world_size", 1)) == self.world.world_size:
             set_rng_state(ckpt["rng"], self.device)
-        self.counters.update(ckpt.get("counters") or {})
+        self.counters.update(ckpt.get("counters") or {})  # non-finite and bad-record budgets span resumes
+        if ckpt.get("first_bad"):
+            self.first_bad = (ckpt["first_bad"][0], str(ckpt["first_bad"][1]))
         self.last_eval = dict(ckpt.get("metrics") or {})
         self.step = int(ckpt["step"])
         self.last_checkpoint = path
@@ -628,6 +659,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 values = self.train_step()
                 self.step += 1
+                fault("train.step", step=self.step)  # test-only (timmface/faults.py)
                 if self.ema is not None:
                     self.ema.update(self.model.backbone, self.step)
                 window_time += time.perf_counter() - t0
@@ -659,6 +691,14 @@ class Trainer:
                         )
                 if self._due(cfg.save_every) or final or self.step == stop:
                     self.save()
+        except RuntimeError as e:
+            if self.world.distributed and tdist.is_peer_failure(e):
+                raise TimmfaceError(
+                    f"rank {self.world.rank}: another rank stopped answering after step {self.step} (no reply "
+                    f"within dist_timeout={cfg.dist_timeout:g} s, or its connection closed); its log says why; "
+                    f"resume with resume=auto ({tdist.first_line(e)})"
+                ) from None
+            raise
         finally:
             progress.close()
             self.loader.close()
