@@ -382,16 +382,22 @@ def test_checkpoint_size_fields() -> None:
 
 
 @FUZZ
-@given(data=st.data(), legacy=st.booleans())
-def test_load_teacher(data: st.DataObject, legacy: bool) -> None:
+@given(data=st.data(), kind=st.sampled_from(["zip", "legacy", "safetensors"]))
+def test_load_teacher(data: st.DataObject, kind: str) -> None:
     import teachers
 
     state = {"conv1.weight": torch.zeros(2, 3, 1, 1), "fc.bias": torch.zeros(2)}
-    buf = io.BytesIO()
-    torch.save(state, buf, _use_new_zipfile_serialization=not legacy)
+    if kind == "safetensors":
+        from safetensors.torch import save
+
+        valid = save(state)
+    else:
+        buf = io.BytesIO()
+        torch.save(state, buf, _use_new_zipfile_serialization=kind == "zip")
+        valid = buf.getvalue()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "backbone.pth"
-        path.write_bytes(data.draw(bytes_or_mutation(buf.getvalue())))
+        path.write_bytes(data.draw(bytes_or_mutation(valid)))
         parses_or_own_error(teachers.load_teacher, path)
 
 

@@ -32,6 +32,7 @@ FORMAT = "timmface"
 VERSION = 1
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 _SHARD = re.compile(r"^step_(\d{8,})\.shard(\d+)of(\d+)\.pt$")
+_TMP_STEP = re.compile(r"^\.step_(\d{8,})(?:\.shard\d+of\d+)?\.pt\.tmp\d+$")
 _PREFIXES = ("module.", "_orig_mod.")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6 (what torch.load sniffs, too)
 
@@ -209,9 +210,14 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
                     for r in ranks:
                         shard_path(output_dir, step, r, world).unlink(missing_ok=True)
     if folder.is_dir():  # temporary files left by a process killed mid-write
+        newest = complete[-1] if complete else -1
         for p in folder.glob(".step_*.pt.tmp*"):
             pid = p.name.rsplit("tmp", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            m = _TMP_STEP.match(p.name)
+            # a step up to the newest complete one is finished (renamed or failed): its temporary file is stale
+            # whoever wrote it -- a restarted container reuses PIDs, so "that PID is alive" proves nothing
+            stale = m is not None and int(m.group(1)) <= newest
+            if stale or (pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))):
                 p.unlink(missing_ok=True)
 
 

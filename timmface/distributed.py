@@ -101,7 +101,18 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> WorldIn
     kwargs = {}
     if device.type == "cuda":
         kwargs["device_id"] = device
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is not None:
+        # torchrun --max-restarts restarts a failed group against the same TCPStore (its agent shares one
+        # across rounds) and init_process_group's keys carry no round number: a restarted rank could read the
+        # dead group's gloo/NCCL addresses and fail with "Connection refused" (seen in tests/test_faults.py).
+        # A key prefix per restart keeps the rounds apart.
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        store = dist.PrefixStore(f"timmface/restart_{restart}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs)
+    else:
+        dist.init_process_group(backend, timeout=timeout, **kwargs)
     return info
 
 

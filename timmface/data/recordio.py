@@ -608,40 +608,35 @@ class RecordIODataset(Dataset):
     def _read_payload(self, key: int, offset: int) -> bytes:
         """One record's payload, its parts joined with the magic word re-inserted (dmlc ``NextRecord``).
 
-        A record whose framing is broken raises :class:`CorruptRecordError` naming its key: the loader skips
-        and counts it like an image that fails to decode (a flipped bit must not end a week-long run; the
-        ``data.max_bad_fraction`` limit still stops a file that is broken throughout).
+        Broken framing raises :class:`DataError` (not a skippable :class:`CorruptRecordError`): it means
+        train.idx and train.rec disagree, which stops the run at once, naming the record.
         """
         mm = self._map()
         parts: list[bytes] = []
         pos = offset
         while True:
             if pos + 8 > self._size:
-                raise CorruptRecordError(
+                raise DataError(
                     f"{self.rec_path}: record key {key} at byte {offset} runs past the end of the file "
-                    f"({self._size} bytes): truncated train.rec",
-                    key=key,
+                    f"({self._size} bytes): truncated train.rec"
                 )
             magic, lrec = struct.unpack_from("<II", mm, pos)
             if magic != MAGIC:
                 where = "" if pos == offset else f" (continuation of the record at byte {offset})"
-                raise CorruptRecordError(
+                raise DataError(
                     f"{self.rec_path}: no RecordIO magic number at byte {pos}{where} (key {key}); "
-                    "train.idx and train.rec disagree or the file is corrupt",
-                    key=key,
+                    "train.idx and train.rec disagree or the file is corrupt"
                 )
             cflag, length = lrec >> 29, lrec & _LENGTH_MASK
             if (cflag in (2, 3)) != bool(parts) or cflag > 3:
-                raise CorruptRecordError(
-                    f"{self.rec_path}: record key {key} at byte {pos} has continuation flag {cflag} out of sequence",
-                    key=key,
+                raise DataError(
+                    f"{self.rec_path}: record key {key} at byte {pos} has continuation flag {cflag} out of sequence"
                 )
             start = pos + 8
             if start + length > self._size:
-                raise CorruptRecordError(
+                raise DataError(
                     f"{self.rec_path}: record key {key} at byte {offset} needs {start + length - offset} bytes but the "
-                    f"file ends at byte {self._size}: truncated train.rec",
-                    key=key,
+                    f"file ends at byte {self._size}: truncated train.rec"
                 )
             parts.append(mm[start : start + length])
             if cflag in (0, 3):
@@ -651,8 +646,8 @@ class RecordIODataset(Dataset):
     def _unpack(self, key: int, payload: bytes) -> tuple[IRHeader, bytes]:
         try:
             return unpack_payload(payload)
-        except CorruptRecordError as e:
-            raise CorruptRecordError(f"{self.rec_path}: record key {key}: {e}", key=key) from None
+        except CorruptRecordError as e:  # a header that does not fit its payload: the file is corrupt, stop
+            raise DataError(f"{self.rec_path}: record key {key}: {e}") from None
 
     def read_raw(self, i: int) -> tuple[bytes, int]:
         """``(encoded image bytes, label)`` of item ``i``, without decoding; the label is the record's own."""
