@@ -87,6 +87,11 @@ def main() -> None:
 
     times: dict[str, list[float]] = {"plain": [], "cached": [], "online": [], "teacher": []}
     teacher = online.teacher
+
+    @torch.no_grad()
+    def bare(x: torch.Tensor) -> torch.Tensor:
+        return teacher(x)
+
     for i in range(args.warmup + args.steps):
         batch = next(plain.loader)  # a batch for the bare teacher forward, from the same loader type
         x = normalize_on_device(batch.images, batch.flips)
@@ -94,7 +99,7 @@ def main() -> None:
             "plain": timed(plain.train_step),
             "cached": timed(cached.train_step),
             "online": timed(online.train_step),
-            "teacher": timed(lambda: teacher(x)),
+            "teacher": timed(lambda x=x: bare(x)),
         }
         if i >= args.warmup:
             for k, v in step_times.items():
