@@ -63,6 +63,19 @@ def test_wrong_types_fail_with_key():
         load_config(None, ["batch_size=10", "optim.grad_accum=3"])
 
 
+def test_text_keys_take_the_word_as_typed(tmp_path: Path):
+    """YAML reads a bare ``off`` as False and ``2024`` as an int: on the command line a text key gets the
+    word itself; in a file (where the text is gone) the error says to quote it."""
+    cfg = load_config(None, ["log.progress=off", "output_dir=2024", "model.backbone=1e3", "ema.enabled=off"])
+    assert cfg.log.progress == "off" and cfg.output_dir == "2024" and cfg.model.backbone == "1e3"
+    assert cfg.ema.enabled is False  # a bool key still reads YAML's booleans
+    assert load_config(None, ["total_steps=12"]).total_steps == 12
+    f = tmp_path / "c.yaml"
+    f.write_text("log: {progress: off}\n")
+    with pytest.raises(ConfigError, match=r"'log.progress' expects str, got False \(YAML reads .* quote the word\)"):
+        load_config(f)
+
+
 def test_values_are_data_not_code():
     cfg = load_config(None, ["output_dir=__import__('os').system('x')"])
     assert cfg.output_dir == "__import__('os').system('x')"

@@ -333,7 +333,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, dict):
             return value  # merged field by field by the caller
     shown = repr(value) if len(repr(value)) < 60 else repr(value)[:57] + "..."
-    raise ConfigError(f"{source}config key '{key}' expects {_type_name(tp)}, got {shown}")
+    hint = " (YAML reads a bare on/off/yes/no as a boolean: quote the word)" if isinstance(value, bool) else ""
+    raise ConfigError(f"{source}config key '{key}' expects {_type_name(tp)}, got {shown}{hint}")
 
 
 def _merge(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
@@ -392,6 +393,20 @@ def parse_override(text: str) -> tuple[str, Any]:
     except (yaml.YAMLError, RecursionError) as e:  # PyYAML recurses once per nesting level: "[[[[..." overflows
         raise ConfigError(f"override {_short(repr(text))}: value is not valid YAML ({e.__class__.__name__})") from None
     return key, value
+
+
+def _is_text_field(key: str) -> bool:
+    """Whether the schema types ``key`` as ``str`` (or ``str | None``): YAML's reading of a bare ``off``,
+    ``yes`` or ``2024`` as a bool or a number is then not what the user meant."""
+    tp: Any = Config
+    for part in key.removeprefix("--").split("."):
+        if not is_dataclass(tp):
+            return False
+        tp = _type_hints(tp).get(part)
+        if tp is None:
+            return False
+    options = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    return str in options and all(o in (str, type(None)) for o in options)
 
 
 def _short(text: str, limit: int = 80) -> str:
@@ -453,6 +468,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _merge(cfg, _read_with_bases(Path(path)), "", f"{path}: ")
     for text in overrides:
         key, value = parse_override(text)
+        if isinstance(value, (bool, int, float)) and _is_text_field(key):
+            value = text.split("=", 1)[1].strip()  # log.progress=off, output_dir=2024: the text as typed
         _merge(cfg, _nest(key, value), "", "")
     validate(cfg)
     return cfg

@@ -49,7 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored dtype (not --cache)")
     parser.add_argument("--image-size", type=int, default=112, help="images are resized to this size first (112)")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=4, help="DataLoader processes decoding images")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="(default: min(4, CPUs)) DataLoader processes decoding images",
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--amp", choices=["none", "bfloat16", "float16"], default="none", help="autocast dtype")
     parser.add_argument("--arch", default=None, help="teacher architecture override (e.g. iresnet100)")

@@ -118,7 +118,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="IJB alignment resampling (default: the preset's, else bilinear as insightface)",
     )
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=4, help="IJB image decoding/alignment processes")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="(default: min(4, CPUs)) IJB image decoding/alignment processes",
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--amp", choices=sorted(AMP), default="none", help="autocast dtype for the forward passes")
     parser.add_argument("--no-ema", action="store_true", help="timmface runs: evaluate the live weights, not the EMA")
