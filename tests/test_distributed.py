@@ -587,3 +587,27 @@ def test_sharded_checkpoints_count_only_when_every_rank_file_exists(tmp_path: Pa
     ]  # fmt: skip
     prune_checkpoints(run, keep_last=1)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000008.pt", "step_00000008.shard0of1.pt"]
+
+
+def _cli_rank(rank: int, world: int, port: int, args: list[str], out: str) -> None:
+    """A rank as torchrun starts it: only the environment, no process group yet; the CLI starts and ends it."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    code = main(["train", *args])
+    torch.save({"code": code, "initialized_after": dist.is_initialized()}, Path(out) / f"rank{rank}.pt")
+
+
+@pytest.mark.multiprocess
+def test_cli_ends_the_process_group_it_started(toy_data: Path, tmp_path: Path):
+    """The CLI leaves no live process group behind (on success, and after a failure on gloo): every rank
+    exits with its own status, not whatever the group's destructors do at interpreter exit."""
+    for name, extra in (("ok", []), ("bad", ["resume=" + str(tmp_path / "missing.pt")])):
+        out = tmp_path / name
+        out.mkdir()
+        mp.spawn(_cli_rank, args=(2, _free_port(), _args(toy_data, out / "run", *extra), str(out)), nprocs=2)
+        results = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+        assert [r["code"] for r in results] == ([0, 0] if name == "ok" else [2, 2])
+        assert not any(r["initialized_after"] for r in results)

@@ -46,14 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 for a user error reported in one line)."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    failed = True
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        failed = code != 0
+        return code
     except TimmfaceError as e:
         print(f"timmface {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"timmface {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from timmface.distributed import shutdown_distributed
+
+        shutdown_distributed(failed=failed)
 
 
 if __name__ == "__main__":

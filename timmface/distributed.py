@@ -20,6 +20,7 @@ from torch import Tensor
 __all__ = [
     "WorldInfo",
     "world_info_from_env",
+    "shutdown_distributed",
     "slurm_rendezvous_env",
     "init_distributed",
     "is_distributed",
@@ -89,6 +90,24 @@ def slurm_rendezvous_env(env: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+_OWNED_GROUP = False  # whether init_distributed created the default group (then shutdown_distributed ends it)
+
+
+def shutdown_distributed(failed: bool = False) -> None:
+    """End the default process group if :func:`init_distributed` started it; a no-op otherwise.
+
+    Called by the CLI when a command ends, so that a rank leaves with its own exit status rather than
+    whatever the process group's C++ destructors do at interpreter exit. After a failure an NCCL group is
+    left to the process exit (a communicator whose peer died can block a clean destroy)."""
+    global _OWNED_GROUP
+    if not (_OWNED_GROUP and dist.is_available() and dist.is_initialized()):
+        return
+    if failed and dist.get_backend() != "gloo":
+        return
+    _OWNED_GROUP = False
+    dist.destroy_process_group()
+
+
 def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> WorldInfo:
     """Join the process group when launched by torchrun or srun; a no-op for a single process."""
     info = world_info_from_env()
@@ -113,6 +132,8 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> WorldIn
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs)
     else:
         dist.init_process_group(backend, timeout=timeout, **kwargs)
+    global _OWNED_GROUP
+    _OWNED_GROUP = True
     return info
 
 
