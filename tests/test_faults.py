@@ -475,3 +475,22 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_finishes(toy_data: Path, tm
     _assert_same_state(checkpoint_path(tmp_path / "run", 12), checkpoint_path(tmp_path / "whole", 12))
     got, want = _metrics(tmp_path / "run"), _metrics(tmp_path / "whole")
     assert sorted(got) == list(range(1, 13)) and [got[s]["loss"] for s in got] == [want[s]["loss"] for s in got]
+
+
+def test_atomic_write_leaves_the_old_file_on_error(tmp_path: Path) -> None:
+    """The helper behind write_bin, write_shards and the index cache: all or nothing, readable by all."""
+    from timmface.fileio import atomic_write
+
+    path = tmp_path / "lfw.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_write(path) as f:
+            f.write(b"half of the new")
+            raise OSError("disk full")
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["lfw.bin"]
+    with atomic_write(path, hidden=True) as f:
+        f.write(b"new")
+        (temporary,) = [p.name for p in tmp_path.iterdir() if p.name != "lfw.bin"]
+        assert temporary.startswith(".lfw.bin.") and temporary.endswith(".tmp") and path.read_bytes() == b"old"
+    assert path.read_bytes() == b"new" and path.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lfw.bin"]

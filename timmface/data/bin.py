@@ -20,7 +20,6 @@ import os
 import pickle
 import pickletools
 import struct
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from timmface.errors import CorruptRecordError, DataError
+from timmface.fileio import atomic_write
 
 _ALLOWED_DTYPES = {"u1": np.dtype(np.uint8), "|u1": np.dtype(np.uint8), "b1": np.dtype(bool), "|b1": np.dtype(bool)}
 _LATIN1 = {"latin1", "latin-1", "iso-8859-1"}
@@ -281,16 +281,8 @@ def write_bin(path: str | os.PathLike, images: Sequence[bytes], issame: Sequence
         raise DataError(f"{path}: {len(images)} images for {len(flags)} pair labels (expected {2 * len(flags)})")
     data = _pickle_py2(images, flags) if protocol == 2 else pickle.dumps((images, flags), protocol=protocol)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        f.write(data)
     return path
 
 

@@ -132,6 +132,15 @@ def epoch_plan(num_samples: int, seed: int, epoch: int, hflip: bool) -> EpochPla
     return EpochPlan(order, seeds, flips)
 
 
+def micro_batch_size(global_batch: int, world_size: int, grad_accum: int) -> int:
+    """The per-rank, per-micro-step batch of a global ``batch_size``, which must divide evenly."""
+    if global_batch % (world_size * grad_accum):
+        raise ConfigError(
+            f"batch_size={global_batch} must be divisible by world_size x grad_accum = {world_size * grad_accum}"
+        )
+    return global_batch // (world_size * grad_accum)
+
+
 class GlobalBatchSampler:
     """Yields this rank's micro-batches as lists of ``(index, seed, flip)``; see the module docstring."""
 
@@ -145,10 +154,7 @@ class GlobalBatchSampler:
         seed: int = 0,
         hflip: bool = True,
     ) -> None:
-        if global_batch % (world_size * grad_accum):
-            raise ConfigError(
-                f"batch_size={global_batch} must be divisible by world_size x grad_accum = {world_size * grad_accum}"
-            )
+        micro_batch_size(global_batch, world_size, grad_accum)  # (checks the divisibility)
         self.batches_per_epoch = num_samples // global_batch
         if self.batches_per_epoch == 0:
             raise ConfigError(f"batch_size={global_batch} is larger than the dataset ({num_samples} samples)")

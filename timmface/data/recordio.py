@@ -40,6 +40,7 @@ import torch
 from torch.utils.data import Dataset
 
 from timmface.errors import CorruptRecordError, DataError
+from timmface.fileio import atomic_write
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -224,18 +225,13 @@ def _read_cache(path: Path, fingerprint: str) -> dict[str, np.ndarray] | None:
 def _write_cache(paths: list[Path], arrays: dict[str, np.ndarray]) -> Path | None:
     """Write atomically (temporary file in the target folder, then rename) to the first writable path."""
     for path in paths:
-        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-            with os.fdopen(fd, "wb") as f:
+            with atomic_write(path) as f:
                 np.savez(f, **arrays)
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; others sharing the data folder may read the cache
-            os.replace(tmp, path)
             return path
         except OSError:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
+            continue
     return None
 
 
@@ -305,26 +301,35 @@ def image_size_from_header(data: bytes | bytearray | memoryview) -> tuple[int, i
             w, h = struct.unpack_from("<HH", head, 26)
             return h & 0x3FFF, w & 0x3FFF
         return None
-    if head[:2] != b"\xff\xd8":
-        return None
+    return jpeg_size(data)
+
+
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they carry the size.
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_size(data: bytes | bytearray | memoryview) -> tuple[int, int] | None:
+    """``(height, width)`` from a JPEG's first start-of-frame segment without decoding; None if not a JPEG
+    or if the markers end (end of image, start of scan, end of data) before a frame header."""
     view = memoryview(data)
+    if bytes(view[:2]) != b"\xff\xd8":
+        return None
     pos, n = 2, len(view)
-    while pos + 4 <= n:  # JPEG markers up to the first start-of-frame
+    while pos + 4 <= n:
         if view[pos] != 0xFF:
             return None
         marker = view[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
-        if marker in (0x01, *range(0xD0, 0xD8)):  # standalone markers
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
             pos += 2
             continue
         if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
             return None
+        if marker in _SOF:
+            return struct.unpack_from(">HH", view, pos + 5) if pos + 9 <= n else None
         (length,) = struct.unpack_from(">H", view, pos + 2)
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and pos + 9 <= n:
-            h, w = struct.unpack_from(">HH", view, pos + 5)
-            return h, w
         pos += 2 + length
     return None
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import struct
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -12,37 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from timmface.data.recordio import jpeg_size
 from timmface.errors import CorruptRecordError, DataError
-
-# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they carry the size.
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """``(height, width)`` from a JPEG's start-of-frame segment without decoding; None if not a JPEG."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
-            pos += 2
-            continue
-        (length,) = struct.unpack_from(">H", data, pos + 2)
-        if marker in _SOF:
-            if pos + 9 > len(data):
-                return None
-            h, w = struct.unpack_from(">HH", data, pos + 5)
-            return h, w
-        if marker == 0xDA:  # start of scan before any frame header
-            return None
-        pos += 2 + length
-    return None
 
 
 def _resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

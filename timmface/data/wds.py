@@ -47,7 +47,6 @@ import os
 import random
 import re
 import tarfile
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,8 +57,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from timmface.data.loader import Batch, BatchBuilder, _pass, _Wire, decode_rgb
+from timmface.data.loader import Batch, BatchBuilder, _pass, _Wire, decode_rgb, micro_batch_size
 from timmface.errors import ConfigError, CorruptRecordError, DataError
+from timmface.fileio import atomic_write
 
 PREFIX = "wds://"
 META = "meta.json"
@@ -349,10 +349,7 @@ class WebDatasetLoader:
         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
         num_classes: int = 0,
     ) -> None:
-        if global_batch % (world_size * grad_accum):
-            raise ConfigError(
-                f"batch_size={global_batch} must be divisible by world_size x grad_accum = {world_size * grad_accum}"
-            )
+        micro_batch = micro_batch_size(global_batch, world_size, grad_accum)
         n = len(shards.urls)
         if n < world_size:
             raise DataError(f"{shards.path}: {n} shards cannot feed {world_size} ranks; write smaller shards")
@@ -362,7 +359,7 @@ class WebDatasetLoader:
                 stacklevel=2,
             )
         self.shards, self.rank, self.world_size, self.grad_accum = shards, rank, world_size, grad_accum
-        self.micro_batch = global_batch // (world_size * grad_accum)
+        self.micro_batch = micro_batch
         self.seed, self.hflip, self.transform, self.image_size = seed, hflip, transform, image_size
         # a worker without a shard would idle: never more workers than the rank's smallest shard share
         self.num_workers = min(num_workers, n // world_size)
@@ -516,23 +513,18 @@ def write_shards(
     counts: dict[str, int] = {}
     for shard, start in enumerate(range(0, n, max_count)):
         final = Path(pattern % shard)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-        try:
-            with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for i in order[start : start + max_count].tolist():
-                    data, label = dataset.read_raw(i)
-                    try:
-                        ext = _extension(bytes(data[:12]))
-                    except DataError as e:
-                        raise DataError(f"{getattr(dataset, 'root', '')}: item {i}: {e}") from None
-                    _add_member(tar, f"{i:09d}.{ext}", bytes(data))
-                    _add_member(tar, f"{i:09d}.cls", str(int(label)).encode())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, final)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with (
+            atomic_write(final, hidden=True) as f,
+            tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar,
+        ):
+            for i in order[start : start + max_count].tolist():
+                data, label = dataset.read_raw(i)
+                try:
+                    ext = _extension(bytes(data[:12]))
+                except DataError as e:
+                    raise DataError(f"{getattr(dataset, 'root', '')}: item {i}: {e}") from None
+                _add_member(tar, f"{i:09d}.{ext}", bytes(data))
+                _add_member(tar, f"{i:09d}.cls", str(int(label)).encode())
         counts[final.name] = min(max_count, n - start)
         if progress is not None:
             progress(start + counts[final.name], n)
