@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -61,3 +63,23 @@ def tiny_run_args(data: Path, out: Path, *extra: str) -> list[str]:
         "eval_every=3", "save_every=3", "data.num_workers=0", "amp=none", "log.progress=plain",
         "log.every=1", "ema.warmup_steps=2", "ema.every=1", "optim.lr=1e-3", *extra,
     ]  # fmt: skip
+
+
+def whole_and_resumed(make: Callable[[Path, list[str]], Any], whole_dir: Path, part_dir: Path, until: int = 3):
+    """An uninterrupted run in ``whole_dir``, and in ``part_dir`` a run stopped at step ``until`` then resumed
+    (``resume=auto``) to the end; ``make(output_dir, extra_overrides)`` builds a trainer. Returns both
+    finished trainers after checking that the second one resumed at ``until``."""
+    whole = make(whole_dir, [])
+    whole.fit()
+    first = make(part_dir, [])
+    first.fit(until=until)
+    del first
+    second = make(part_dir, ["resume=auto"])
+    assert second.step == until
+    second.fit()
+    return whole, second
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), k

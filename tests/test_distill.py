@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import tiny_run_args
+from tests.conftest import assert_same_weights, tiny_run_args, whole_and_resumed
 from timmface.cli import main
 from timmface.config import load_config
 from timmface.distill import DistillTrainer, FeatureDistillation, RelationDistillation, compute_teacher_centres
@@ -228,21 +228,17 @@ def test_teacher_centres(toy_data: Path, teacher_run: Path, tmp_path: Path):
 
 def test_distillation_resume_equals_uninterrupted(toy_data: Path, teacher_run: Path, tmp_path: Path):
     extra = ["distill.relation_weight=0.5", "distill.relation_loss=kl", "distill.centres=ema", "total_steps=6"]
-    whole = DistillTrainer(load_config(None, _student_args(toy_data, tmp_path / "a", teacher_run, *extra)))
-    whole.fit()
-    first = DistillTrainer(load_config(None, _student_args(toy_data, tmp_path / "b", teacher_run, *extra)))
-    first.fit(until=3)
-    second = DistillTrainer(
-        load_config(None, _student_args(toy_data, tmp_path / "b", teacher_run, *extra, "resume=auto"))
-    )
-    second.fit()
+
+    def make(out: Path, more: list[str]) -> DistillTrainer:
+        return DistillTrainer(load_config(None, _student_args(toy_data, out, teacher_run, *extra, *more)))
+
+    whole, second = whole_and_resumed(make, tmp_path / "a", tmp_path / "b", until=3)
 
     def losses(run: Path) -> list[float]:
         return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
-    for (k, a), (_, b) in zip(whole.model.state_dict().items(), second.model.state_dict().items()):
-        assert torch.equal(a, b), k
+    assert_same_weights(whole.model, second.model)
 
 
 def test_distill_cli_teacher_flag(toy_data: Path, teacher_run: Path, tmp_path: Path, capsys):

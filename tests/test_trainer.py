@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import class_image, tiny_run_args
+from tests.conftest import assert_same_weights, class_image, tiny_run_args, whole_and_resumed
 from timmface.checkpoint import list_checkpoints, load_checkpoint
 from timmface.cli import main
 from timmface.config import load_config
@@ -58,22 +58,15 @@ def test_train_cli_writes_config_metrics_and_checkpoints(toy_data: Path, tmp_pat
     ids=["cosface", "adaface-pfc-workers-accum-aug", "arcface-sgd-bf16"],
 )  # fmt: skip
 def test_resume_gives_the_same_run(toy_data: Path, tmp_path: Path, extra: list[str]):
-    args = [*tiny_run_args(toy_data, tmp_path / "a", "save_every=0", "total_steps=8", "eval_every=0"), *extra]
-    whole = Trainer(load_config(None, args))
-    whole.fit()
-    reference = [m["loss"] for m in _metrics(tmp_path / "a") if "loss" in m]
+    def make(out: Path, more: list[str]) -> Trainer:
+        base = tiny_run_args(toy_data, out, "save_every=0", "total_steps=8", "eval_every=0")
+        return Trainer(load_config(None, [*base, *extra, *more]))
 
-    args_b = [a.replace(str(tmp_path / "a"), str(tmp_path / "b")) for a in args]
-    first = Trainer(load_config(None, args_b))
-    first.fit(until=3)
-    del first
-    second = Trainer(load_config(None, [*args_b, "resume=auto"]))
-    assert second.step == 3
-    second.fit()
+    whole, second = whole_and_resumed(make, tmp_path / "a", tmp_path / "b", until=3)
+    reference = [m["loss"] for m in _metrics(tmp_path / "a") if "loss" in m]
     resumed = [m["loss"] for m in _metrics(tmp_path / "b") if "loss" in m]
     assert resumed == reference  # exactly the same losses, step by step
-    for (k, a), (_, b) in zip(whole.model.state_dict().items(), second.model.state_dict().items()):
-        assert torch.equal(a, b), k
+    assert_same_weights(whole.model, second.model)
     assert torch.equal(whole.ema.module.state_dict()["head.weight"], second.ema.module.state_dict()["head.weight"])
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_run_args
+from tests.conftest import assert_same_weights, tiny_run_args, whole_and_resumed
 from tests.test_pipeline import AUG, SIZE, assert_same, jpeg, write_mixed_recordio
 from timmface.config import load_config
 from timmface.data.loader import SampleDataset, build_dataset, build_train_loader, dataset_num_classes
@@ -168,18 +168,13 @@ def test_trainer_resumes_a_stream_exactly(toy_data: Path, tmp_path: Path) -> Non
     write_shards(RecordIODataset(toy_data), tmp_path / "s" / "toy-%03d.tar", max_count=10)
     path = f"wds://{tmp_path}/s/toy-{{000..004}}.tar"
     base = ["save_every=0", "total_steps=8", "eval_every=0", "data.num_workers=2"]
-    args = tiny_run_args(path, tmp_path / "a", *base)  # type: ignore[arg-type]  # (Path() would eat a slash)
-    whole = Trainer(load_config(None, args))
-    whole.fit()
-    args_b = [a.replace(str(tmp_path / "a"), str(tmp_path / "b")) for a in args]
-    first = Trainer(load_config(None, args_b))
-    first.fit(until=3)
-    del first
-    second = Trainer(load_config(None, [*args_b, "resume=auto"]))
-    assert second.step == 3
-    second.fit()
-    for (k, a), (_, b) in zip(whole.model.state_dict().items(), second.model.state_dict().items()):
-        assert torch.equal(a, b), k
+
+    def make(out: Path, more: list[str]) -> Trainer:
+        args = tiny_run_args(path, out, *base, *more)  # type: ignore[arg-type]  # (Path() would eat a slash)
+        return Trainer(load_config(None, args))
+
+    whole, second = whole_and_resumed(make, tmp_path / "a", tmp_path / "b", until=3)
+    assert_same_weights(whole.model, second.model)
     assert isinstance(whole.dataset, WebDatasetShards) and len(whole.dataset) == 48
 
 
