@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from timmface.errors import TeacherError
+from timmface.hub import is_hub_spec, resolve_model
 
 from .adaface import AdaFaceIR
 from .base import Teacher
@@ -48,11 +49,16 @@ def load_teacher(checkpoint_path: str | os.PathLike[str], arch: str | None = Non
 
     ``checkpoint_path`` is an insightface iResNet state dict, an AdaFace Lightning ``.ckpt`` (or its
     state dict), a safetensors state dict of either, a timm hub folder, a timmface checkpoint or run
-    directory, or an insightface ONNX file / model-pack folder. ``arch`` (e.g. ``"iresnet100"``,
+    directory, or an insightface ONNX file / model-pack folder; or any of these on the Hugging Face Hub,
+    ``hf-hub:OWNER/REPO[@REVISION][/FILE]`` (:mod:`timmface.hub`: fetched into the hub cache, then read as
+    the same local file or folder; ``teacher_info["source"]`` is the commit-pinned spec and
+    ``teacher_info["hub"]`` the repository, revision, commit and files). ``arch`` (e.g. ``"iresnet100"``,
     ``"ir_101"``) overrides the depth detection of state dicts; for the other formats it must equal the
     architecture the file names. The result is in eval mode with no trainable parameter and carries
     ``embed_dim``, ``input_size`` and ``teacher_info``. Every problem is one :class:`TeacherError` line.
     """
+    if is_hub_spec(checkpoint_path):
+        return _load_hub(str(checkpoint_path), arch)
     path = Path(checkpoint_path)
     if not path.exists():
         raise TeacherError(f"{path}: no such file or directory")
@@ -66,6 +72,16 @@ def load_teacher(checkpoint_path: str | os.PathLike[str], arch: str | None = Non
     if kind in ("torch-zip", "pickle"):
         return _from_torch_object(path, safe_torch_load(path), arch)
     raise _unrecognised(path, describe_bytes(path))
+
+
+def _load_hub(spec: str, arch: str | None) -> Teacher:
+    r = resolve_model(spec)
+    try:
+        teacher = load_teacher(r.local, arch)
+    except TeacherError as e:  # name the hub file, not its place in the cache
+        raise TeacherError(r.rename(str(e))) from None
+    teacher.teacher_info.update(source=r.pinned, hub=r.record())
+    return teacher
 
 
 def _load_directory(path: Path, arch: str | None) -> Teacher:
@@ -128,7 +144,9 @@ def build_face_teacher(
 
 def teacher_files(path: str | os.PathLike[str]) -> list[Path]:
     """The files whose bytes define a teacher: the file itself, a run's latest checkpoint, a hub folder's
-    ``config.json`` + weights, or a model pack's recognition model."""
+    ``config.json`` + weights, or a model pack's recognition model; for a Hub spec, those of its cached copy."""
+    if is_hub_spec(path):
+        return teacher_files(resolve_model(str(path)).local)
     p = Path(path)
     if not p.exists():
         raise TeacherError(f"{p}: no such file or directory")
@@ -148,7 +166,8 @@ def teacher_fingerprint(path: str | os.PathLike[str]) -> str:
     """A stable 16-hex-digit digest of the teacher's weights: SHA-256 over the bytes of :func:`teacher_files`.
 
     It depends on contents only (not names, paths or times), so an embedding cache written with one copy
-    of a teacher stays valid for another copy; a run directory is identified by its latest checkpoint.
+    of a teacher stays valid for another copy (a Hub commit and a local download of it agree); a run
+    directory is identified by its latest checkpoint.
     """
     digest = hashlib.sha256()
     for f in teacher_files(path):

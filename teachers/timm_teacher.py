@@ -21,6 +21,7 @@ from typing import Any
 import torch.nn as nn
 
 from timmface.errors import TeacherError, TimmfaceError
+from timmface.hub import timm_weights_name
 
 from .base import Teacher, input_affine
 from .detect import read_json
@@ -30,14 +31,6 @@ __all__ = ["hub_weights_file", "latest_run_checkpoint", "load_timm_hub", "load_t
 
 FACE_INPUT = 112
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
-# the files timm's local-dir loader looks for first, in its order (timm/models/_hub.py _PREFERRED_FILES)
-_HUB_WEIGHTS = (
-    "model.safetensors",
-    "pytorch_model.bin",
-    "pytorch_model.pth",
-    "model.pth",
-    "open_clip_model.safetensors",
-)
 
 
 def _count(model: nn.Module) -> int:
@@ -66,13 +59,9 @@ def _strip_wrappers(state: Mapping[str, Any]) -> dict[str, Any]:
 
 def hub_weights_file(folder: Path) -> Path:
     """The weights file of a timm hub folder, chosen as timm's local-dir loader chooses it."""
-    for name in _HUB_WEIGHTS:
-        if (folder / name).is_file():
-            return folder / name
-    for ext in (".safetensors", ".pth", ".pth.tar", ".bin"):
-        found = sorted(folder.glob(f"*{ext}"))
-        if found:
-            return found[0]
+    name = timm_weights_name(p.name for p in folder.iterdir() if p.is_file())
+    if name is not None:
+        return folder / name
     raise TeacherError(f"{folder}: timm hub folder has config.json but no weights file (model.safetensors)")
 
 
