@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from timmface.config import load_config  # noqa: E402
-from timmface.data.loader import normalize_on_device  # noqa: E402
+from timmface.data.batch import normalize_on_device  # noqa: E402
 from timmface.distill import DistillTrainer  # noqa: E402
 from timmface.trainer import Trainer, demo_data_path  # noqa: E402
 
@@ -107,7 +107,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
 
     # embed throughput vs the teacher's bare forward throughput on the same number of images
-    from timmface.embed_cache import EmbeddingCache
+    from timmface.embedding.cache import EmbeddingCache
 
     n_images = EmbeddingCache.open(cache).num_records
     n_fwd = min(args.embed_images, n_images)

@@ -95,7 +95,7 @@ def measure(
     partial_fc: float, compile_: bool,
 ) -> dict[str, float]:  # fmt: skip
     """Seconds per optimiser step (the mean over ``steps`` after ``warmup`` untimed ones), img/s, peak GiB."""
-    from timmface.trainer import compile_module
+    from timmface.runtime import compile_module
 
     name, kwargs = STUDENTS[student]
     backbone = create_student(name, embed_dim=512, **kwargs)

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from tests.conftest import tiny_run_args
 from timmface.checkpoint import list_checkpoints
 from timmface.config import load_config
-from timmface.trainer import Trainer, compile_module
+from timmface.runtime import compile_module
+from timmface.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,8 @@ import torch
 from timmface.data import demo
 from timmface.data.bin import read_bin
 from timmface.data.demo import generate_demo_dataset, identity_parameters, load_or_generate_demo
-from timmface.data.recordio import RecordIODataset, decode_image_bytes
+from timmface.data.image import decode_image_bytes
+from timmface.data.recordio import RecordIODataset
 from timmface.errors import ConfigError, DataError
 
 SMALL = dict(num_identities=4, images_per_identity=3, num_val_identities=3, num_val_pairs=7)

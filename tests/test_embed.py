@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-import timmface.embed_cache as ec
+import timmface.embedding.engine as ec
 from tests.conftest import class_image, write_toy_dataset
 from tests.test_eval_cli import backbone_of, fake_run
 from timmface.cli import main
-from timmface.data.loader import normalize_on_device, resize_uint8
+from timmface.data.batch import normalize_on_device
+from timmface.data.image import resize_uint8
 from timmface.data.recordio import RecordIODataset
-from timmface.embed_cache import EmbeddingCache, dataset_fingerprint, read_embeddings
+from timmface.embedding.cache import EmbeddingCache, dataset_fingerprint
+from timmface.embedding.files import read_embeddings
 from timmface.errors import DataError
 
 
@@ -121,7 +123,7 @@ REAL_EMBED_BATCH = ec.embed_batch
 
 
 class Counting:
-    """Wraps ``embed_cache.embed_batch``: counts calls and images, raises after ``fail_after`` calls."""
+    """Wraps ``engine.embed_batch``: counts calls and images, raises after ``fail_after`` calls."""
 
     def __init__(self, fail_after: int | None = None) -> None:
         self.calls, self.images, self.fail_after = 0, 0, fail_after

@@ -220,7 +220,7 @@ def test_recordio_header_and_image_size_fields(rec_folder: dict[str, bytes], tmp
         got = parses_or_own_error(_read_everything, root)
         assert name.startswith("jpeg") or isinstance(got, TimmfaceError), name
     # the decoded-size check itself, for JPEG, PNG, GIF and WebP headers
-    from timmface.data.recordio import decode_image_bytes
+    from timmface.data.image import decode_image_bytes
     from timmface.errors import CorruptRecordError
 
     png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">II", 2**20, 2**20) + b"\x08\x02\0\0\0"
@@ -414,15 +414,15 @@ _JSON = st.recursive(
 
 @pytest.fixture(scope="module")
 def cache_file(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    from timmface.embed_cache import _create_file
+    from timmface.embedding.cache import create_file
 
     path = tmp_path_factory.mktemp("emb") / "c.tfemb"
-    _create_file(path, {"dataset": {"fingerprint": "0" * 16}}, num_records=3, dim=4, views=["a", "b"], dtype="float16")
+    create_file(path, {"dataset": {"fingerprint": "0" * 16}}, num_records=3, dim=4, views=["a", "b"], dtype="float16")
     return path.read_bytes()
 
 
 def _header_with(meta: dict[str, Any], body: int, deep: bool = False) -> bytes:
-    from timmface.embed_cache import MAGIC
+    from timmface.embedding.cache import MAGIC
 
     text = json.dumps(meta).encode() if not deep else b"[" * 100_000 + b"]" * 100_000
     return MAGIC + struct.pack("<Q", len(text)) + text + bytes(body)
@@ -431,7 +431,7 @@ def _header_with(meta: dict[str, Any], body: int, deep: bool = False) -> bytes:
 @FUZZ
 @given(data=st.data(), mode=st.sampled_from(["bytes", "fields"]))
 def test_embedding_cache_header(cache_file: bytes, data: st.DataObject, mode: str) -> None:
-    from timmface.embed_cache import EmbeddingCache
+    from timmface.embedding.cache import EmbeddingCache
 
     if mode == "bytes":
         blob = data.draw(mutated(cache_file[:4200]) | mutated(cache_file))
@@ -451,7 +451,7 @@ def test_embedding_cache_header(cache_file: bytes, data: st.DataObject, mode: st
 
 
 def test_embedding_cache_header_extremes(cache_file: bytes, tmp_path: Path) -> None:
-    from timmface.embed_cache import EmbeddingCache
+    from timmface.embedding.cache import EmbeddingCache
 
     length = struct.unpack_from("<Q", cache_file, 8)[0]
     meta = json.loads(cache_file[16 : 16 + length])

@@ -5,13 +5,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from timmface.data.loader import (
-    GlobalBatchSampler,
-    SampleDataset,
-    build_train_loader,
-    collate,
-    normalize_on_device,
-)
+from timmface.data.batch import normalize_on_device
+from timmface.data.loader import GlobalBatchSampler, SampleDataset, build_train_loader, collate
 from timmface.data.transforms import build_transform
 from timmface.errors import CorruptRecordError
 

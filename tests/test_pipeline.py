@@ -12,16 +12,12 @@ from torchvision.io import encode_jpeg, encode_png
 
 from tests.conftest import class_image, tiny_run_args
 from timmface.cli import main
+from timmface.data.batch import Batch, SlotPool, normalize_on_device
 from timmface.data.folder import ImageFolderDataset
 from timmface.data.gpu_decode import EncodedBatchDecoder, resolve_decode_device
-from timmface.data.loader import (
-    Batch,
-    SlotPool,
-    build_train_loader,
-    decode_rgb,
-    normalize_on_device,
-)
-from timmface.data.recordio import RecordIODataset, RecordIOWriter, decode_image_bytes
+from timmface.data.image import decode_image_bytes, decode_rgb
+from timmface.data.loader import build_train_loader
+from timmface.data.recordio import RecordIODataset, RecordIOWriter
 from timmface.data.transforms import build_transform
 from timmface.errors import ConfigError, DataError
 

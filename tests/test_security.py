@@ -447,12 +447,12 @@ def test_cache_files_stay_beside_their_target(tmp_path: Path) -> None:
     """Temporary names are derived inside the target's own folder; fallback and demo cache folders are hashes."""
     from timmface.data.demo import demo_key
     from timmface.data.recordio import index_cache_paths
-    from timmface.embed_cache import _create_file
+    from timmface.embedding.cache import create_file
 
     inner = tmp_path / "a" / "b"
     inner.mkdir(parents=True)
     target = inner / ".." / "emb.tfemb"  # a '..' in the path given: the file lands where that path points
-    _create_file(target, {}, num_records=2, dim=4, views=["original"], dtype="float16")
+    create_file(target, {}, num_records=2, dim=4, views=["original"], dtype="float16")
     assert _files(tmp_path) == {tmp_path / "a" / "emb.tfemb"}
 
     idx = tmp_path / "d" / "train.idx"

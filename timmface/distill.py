@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from timmface import distributed as tdist
-from timmface.data.loader import Batch
+from timmface.data.batch import Batch
 from timmface.errors import ConfigError, DataError
 from timmface.trainer import Trainer
 
@@ -180,7 +180,8 @@ def compute_teacher_centres(
             raise ConfigError("teacher class centres need a teacher (distill.teacher) or a cache (distill.cache)")
         from torch.utils.data import DataLoader, Subset
 
-        from timmface.data.loader import SampleDataset, collate, normalize_on_device
+        from timmface.data.batch import normalize_on_device
+        from timmface.data.loader import SampleDataset, collate
 
         device = device or torch.device("cpu")
         samples = SampleDataset(dataset, None, image_size)
@@ -242,11 +243,11 @@ class DistillTrainer(Trainer):
             from teachers import load_teacher, teacher_fingerprint
 
             self.teacher_fingerprint = teacher_fingerprint(dc.teacher)
-        from timmface.embed_cache import dataset_fingerprint
+        from timmface.embedding.cache import dataset_fingerprint
 
         self.dataset_fingerprint = dataset_fingerprint(self.dataset)
         if dc.cache:
-            from timmface.embed_cache import EmbeddingCache
+            from timmface.embedding.cache import EmbeddingCache
 
             if self.has_augmentations:
                 raise ConfigError(

@@ -3,7 +3,7 @@
 ``--out x.safetensors`` / ``x.npy``: one embedding per image of a RecordIO folder, an image folder (identity
 sub-folders, or any folder of images), a text file listing image paths, or image paths given directly; with the
 image keys (record keys or paths). ``--cache`` (or ``--out x.tfemb``): the teacher cache that distillation reads --
-float16 embeddings of every training record and of its mirror (:mod:`timmface.embed_cache`). Both are resumable: a
+float16 embeddings of every training record and of its mirror (:mod:`timmface.embedding`). Both are resumable: a
 re-run after an interruption computes only what is missing.
 """
 
@@ -99,9 +99,8 @@ def dataset_from_paths(paths: list[str]) -> tuple[Dataset, str]:
     One folder: RecordIO (``train.rec``/``train.idx``), an identity-folder dataset (labels kept), or any folder of
     images (all images below it, keys relative to it). One text file: a list of image paths. Otherwise image files.
     """
-    from timmface.data.folder import IMAGE_EXTENSIONS
+    from timmface.data.folder import IMAGE_EXTENSIONS, FileListDataset
     from timmface.data.loader import build_dataset
-    from timmface.embed_cache import FileListDataset
 
     if len(paths) == 1:
         p = Path(paths[0])
@@ -131,7 +130,7 @@ def _missing_line(out: Path, dataset: Dataset, missing: np.ndarray, total: int) 
 def _common(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from timmface.trainer import pick_device
+    from timmface.runtime import pick_device
 
     if args.batch_size < 1 or args.image_size < 1:
         raise ConfigError("--batch-size and --image-size must be positive")
@@ -149,7 +148,8 @@ def _common(args: argparse.Namespace) -> dict[str, Any]:
 def _run_cache(args: argparse.Namespace, out: Path) -> int:
     from teachers import load_teacher, teacher_fingerprint
     from timmface.data.loader import build_dataset
-    from timmface.embed_cache import EmbeddingCache, build_cache
+    from timmface.embedding.cache import EmbeddingCache
+    from timmface.embedding.engine import build_cache
 
     if len(args.data) != 1 or not Path(args.data[0]).is_dir():
         raise ConfigError("--cache needs one training dataset (a RecordIO folder or an image folder) as --data")
@@ -175,7 +175,8 @@ def _run_cache(args: argparse.Namespace, out: Path) -> int:
 
 def _run_file(args: argparse.Namespace, out: Path) -> int:
     from timmface.commands.eval import load_model
-    from timmface.embed_cache import dataset_fingerprint, embed_to_file
+    from timmface.embedding.cache import dataset_fingerprint
+    from timmface.embedding.engine import embed_to_file
 
     common = _common(args)
     dataset, what = dataset_from_paths(args.data)

@@ -237,7 +237,7 @@ def _write_json(path: Path, results: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from timmface.trainer import pick_device
+    from timmface.runtime import pick_device
 
     bins = [Path(b) for b in args.bins]
     for b in bins:

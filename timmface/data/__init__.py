@@ -16,7 +16,7 @@ _EXPORTS = {
     "write_bin": "timmface.data.bin",
     "build_transform": "timmface.data.transforms",
     "build_train_loader": "timmface.data.loader",
-    "DeviceNormalizer": "timmface.data.loader",
+    "DeviceNormalizer": "timmface.data.batch",
     "build_dataset": "timmface.data.loader",
     "generate_demo_dataset": "timmface.data.demo",
 }

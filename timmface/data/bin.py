@@ -305,7 +305,7 @@ class VerificationSet:
 
     def decode(self, i: int) -> torch.Tensor:
         """Image ``i`` (of 2N) as a ``uint8`` (3, H, W) tensor, resized to ``image_size`` if needed."""
-        from timmface.data.recordio import decode_image_bytes
+        from timmface.data.image import decode_image_bytes
 
         try:
             img = decode_image_bytes(self.images[i], key=i, source=str(self.path))

@@ -1,10 +1,12 @@
-"""``root/<identity>/<image>`` folders as a face dataset with the same interface as RecordIO."""
+"""Loose image files as datasets with the interface of RecordIO: ``root/<identity>/<image>`` folders
+(:class:`ImageFolderDataset`, for training) and unlabelled lists of files (:class:`FileListDataset`, for
+``timmface embed``)."""
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from timmface.data.recordio import decode_image_bytes
-from timmface.errors import DataError
+from timmface.data.image import decode_image_bytes
+from timmface.errors import CorruptRecordError, DataError
 
 # What torchvision.io.decode_image reads; anything else (BMP, TIFF, text, ...) is skipped.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif"})
@@ -129,3 +131,26 @@ class ImageFolderDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"ImageFolderDataset({str(self.root)!r}, images={len(self)}, num_classes={self.num_classes})"
+
+
+class FileListDataset(Dataset):
+    """Image files given by path: items ``(uint8 CHW RGB, -1)``; ``keys`` are the paths as given."""
+
+    def __init__(self, files: Sequence[str | os.PathLike], keys: Sequence[str] | None = None) -> None:
+        self.files = [str(f) for f in files]
+        self.keys = np.array([str(k) for k in (keys if keys is not None else self.files)], dtype=object)
+        self.labels = np.full(len(self.files), -1, dtype=np.int64)
+        self.num_classes = 0
+        if not self.files:
+            raise DataError("no image files given")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path = self.files[i]
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise CorruptRecordError(f"{path}: cannot read ({e.strerror})", key=str(self.keys[i])) from None
+        return decode_image_bytes(data, key=str(self.keys[i]), source=path), -1

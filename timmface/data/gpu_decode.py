@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from timmface.data.loader import Batch, BatchBuilder, decode_rgb, is_jpeg
+from timmface.data.batch import Batch, BatchBuilder, empty_batch
+from timmface.data.image import decode_image_bytes, decode_rgb, is_jpeg
 from timmface.errors import ConfigError, CorruptRecordError, DataError
 
 Fallback = Callable[[Batch, int], Tensor]
@@ -91,7 +92,7 @@ def dataset_fallback(dataset: Any) -> Fallback:
 
 
 class EncodedBatchDecoder:
-    """Encoded :class:`~timmface.data.loader.Batch` (from the workers) -> decoded batch on ``device``.
+    """Encoded :class:`~timmface.data.batch.Batch` (from the workers) -> decoded batch on ``device``.
 
     The result has ``images`` uint8 ``N' x 3 x H x W`` on ``device`` (``N'`` = the samples that decoded),
     the matching CPU ``labels``/``indices``/``flips``, and ``bad`` extended by the records that failed.
@@ -155,8 +156,7 @@ class EncodedBatchDecoder:
                 prepared.append(builder.prepare(image, seeds[pos]))
                 good.append(pos)
         if not good:
-            empty = torch.empty(0, dtype=torch.int64)
-            return Batch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), empty, empty, empty.bool(), builder.bad)
+            return empty_batch(builder.bad)
         try:
             stacked = torch.stack(prepared)
         except RuntimeError:
@@ -171,8 +171,6 @@ class EncodedBatchDecoder:
     def _fallback(self, batch: Batch, pos: int) -> Tensor:
         if self.fallback is not None:
             return self.fallback(batch, pos)
-        from timmface.data.recordio import decode_image_bytes
-
         a, b = int(batch.offsets[pos]), int(batch.offsets[pos + 1])  # type: ignore[index]
         key = batch.keys[pos] if batch.keys else int(batch.indices[pos])
         return decode_image_bytes(batch.encoded[a:b].numpy().tobytes(), key=key, source="encoded batch")  # type: ignore[index]

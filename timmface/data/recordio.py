@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from timmface.data.image import check_image_size, decode_image_bytes
 from timmface.errors import CorruptRecordError, DataError
 from timmface.fileio import atomic_write
 
@@ -52,10 +53,6 @@ _CACHE_VERSION = "1"
 _HASH_SPAN = 1 << 16  # bytes of head and tail of train.idx hashed into the cache fingerprint
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _MAX_SIDE = 65535  # the largest JPEG (and GIF) side; property values beyond it are not image sizes
-# Refuse to decode images of more pixels than this (PIL's default MAX_IMAGE_PIXELS, ~0.25 GiB as RGB): the
-# decoders allocate height x width x 3 bytes from the header's size fields before reading a single pixel, so a
-# 2 kB file that claims 60000x60000 would ask for 10.8 GB.
-MAX_IMAGE_PIXELS = 89_478_485
 
 
 # ----------------------------------------------------------------------------------------------- records
@@ -272,96 +269,6 @@ def _cached_array(idx_path: Path, cache_dir: str | os.PathLike | None, name: str
         if hit is not None and name in hit and str(hit.get(name + "_stamp", "")) == stamp:
             return hit[name]
     return None
-
-
-# ----------------------------------------------------------------------------------------------- decoding
-
-
-def image_size_from_header(data: bytes | bytearray | memoryview) -> tuple[int, int] | None:
-    """``(height, width)`` from the header of a JPEG, PNG, GIF or WebP, without decoding; None if unknown.
-
-    Only the few bytes the formats define are read (JPEG: the first SOF marker; PNG: IHDR; GIF: the
-    logical screen; WebP: the VP8 / VP8L / VP8X header).
-    """
-    head = bytes(data[:32])
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 24:
-        w, h = struct.unpack_from(">II", head, 16)
-        return h, w
-    if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
-        w, h = struct.unpack_from("<HH", head, 6)
-        return h, w
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP" and len(head) >= 30:
-        chunk = head[12:16]
-        if chunk == b"VP8X":  # 24-bit canvas width - 1 and height - 1
-            return int.from_bytes(head[27:30], "little") + 1, int.from_bytes(head[24:27], "little") + 1
-        if chunk == b"VP8L":  # 14-bit width - 1, 14-bit height - 1
-            bits = int.from_bytes(head[21:25], "little")
-            return ((bits >> 14) & 0x3FFF) + 1, (bits & 0x3FFF) + 1
-        if chunk == b"VP8 ":  # 14-bit width and height after the key-frame start code
-            w, h = struct.unpack_from("<HH", head, 26)
-            return h & 0x3FFF, w & 0x3FFF
-        return None
-    return jpeg_size(data)
-
-
-# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they carry the size.
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def jpeg_size(data: bytes | bytearray | memoryview) -> tuple[int, int] | None:
-    """``(height, width)`` from a JPEG's first start-of-frame segment without decoding; None if not a JPEG
-    or if the markers end (end of image, start of scan, end of data) before a frame header."""
-    view = memoryview(data)
-    if bytes(view[:2]) != b"\xff\xd8":
-        return None
-    pos, n = 2, len(view)
-    while pos + 4 <= n:
-        if view[pos] != 0xFF:
-            return None
-        marker = view[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
-            pos += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
-            return None
-        if marker in _SOF:
-            return struct.unpack_from(">HH", view, pos + 5) if pos + 9 <= n else None
-        (length,) = struct.unpack_from(">H", view, pos + 2)
-        pos += 2 + length
-    return None
-
-
-def check_image_size(data: bytes | bytearray | memoryview, key: int | str | None, source: str) -> None:
-    """Raise :class:`CorruptRecordError` when the image header claims more than ``MAX_IMAGE_PIXELS`` pixels."""
-    size = image_size_from_header(data)
-    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
-        raise CorruptRecordError(
-            f"{source}: key {key}: image header claims {size[0]}x{size[1]} pixels; decoding would need "
-            f"{3 * size[0] * size[1] / 2**30:.1f} GiB (more than MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS})",
-            key=key,
-        )
-
-
-def decode_image_bytes(
-    data: bytes | bytearray | memoryview, key: int | str | None = None, source: str = ""
-) -> torch.Tensor:
-    """Decode JPEG/PNG bytes to a ``uint8`` RGB tensor of shape (3, H, W), grayscale included.
-
-    Raises :class:`CorruptRecordError` naming ``source`` and ``key`` when the bytes are not an image.
-    """
-    from torchvision.io import ImageReadMode, decode_image
-
-    if len(data) == 0:
-        raise CorruptRecordError(f"{source}: key {key}: empty image", key=key)
-    check_image_size(data, key, source)
-    try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError as e:
-        reason = " ".join(str(e).split(",")[-1].split())  # torchvision prefixes the C++ source location
-        raise CorruptRecordError(f"{source}: key {key}: cannot decode image: {reason}", key=key) from None
 
 
 # ------------------------------------------------------------------------------------------------ dataset

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from timmface.data.recordio import jpeg_size
+from timmface.data.image import decode_image_bytes, jpeg_size
 from timmface.errors import CorruptRecordError, DataError
 
 
@@ -42,7 +42,7 @@ def pack_image_folder(
     Returns counts: ``images``, ``identities``, ``copied``, ``reencoded``, ``resized``, ``skipped``.
     """
     from timmface.data.folder import ImageFolderDataset
-    from timmface.data.recordio import RecordIOWriter, decode_image_bytes
+    from timmface.data.recordio import RecordIOWriter
 
     src = ImageFolderDataset(image_folder)
     size = (int(image_size[0]), int(image_size[1]))
@@ -146,7 +146,6 @@ def inspect_dataset(
 
 def _inspect_bin(path: Path, grid_png: str | os.PathLike | None, max_images: int) -> dict[str, Any]:
     from timmface.data.bin import VerificationSet
-    from timmface.data.recordio import decode_image_bytes
 
     vs = VerificationSet(path)
     same = int(vs.issame.sum())

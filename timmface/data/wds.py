@@ -57,7 +57,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from timmface.data.loader import Batch, BatchBuilder, _pass, _Wire, decode_rgb, micro_batch_size
+from timmface.data.batch import Batch, BatchBuilder, Wire, micro_batch_size, pass_batch
+from timmface.data.image import decode_image_bytes, decode_rgb
 from timmface.errors import ConfigError, CorruptRecordError, DataError
 from timmface.fileio import atomic_write
 
@@ -235,7 +236,7 @@ class _ShardStream(IterableDataset):
         mine = shards_for(self.shards.urls, self.seed, self.epoch, self.rank, self.world_size)
         return mine[worker :: self.workers]
 
-    def __iter__(self) -> Iterator[_Wire]:
+    def __iter__(self) -> Iterator[Wire]:
         info = get_worker_info()
         worker = ((info.id if info is not None else 0) + self.first) % self.workers
         streams = np.random.SeedSequence([self.seed, self.epoch, self.rank, worker, 0x57AE]).spawn(2)
@@ -267,9 +268,9 @@ class _ShardStream(IterableDataset):
             if info is None:
                 raise
             empty = np.empty(0, dtype=np.int64)
-            yield _Wire(0, empty, empty, empty.astype(bool), [], error=e)
+            yield Wire(0, empty, empty, empty.astype(bool), [], error=e)
 
-    def _assemble(self, samples: list[dict[str, Any]], seeds: list[int], flips: list[bool], in_worker: bool) -> _Wire:
+    def _assemble(self, samples: list[dict[str, Any]], seeds: list[int], flips: list[bool], in_worker: bool) -> Wire:
         builder = BatchBuilder(len(samples), self.image_size, self.transform, shared=in_worker)
         fork = self.transform is not None and not self.encoded and not in_worker  # keep the trainer's RNG
         with torch.random.fork_rng(devices=[]) if fork else contextlib.nullcontext():
@@ -297,8 +298,6 @@ class _ShardStream(IterableDataset):
 
 
 def _decode_or_raise(data: bytes, url: str, key: Any) -> Tensor:
-    from timmface.data.recordio import decode_image_bytes
-
     return decode_image_bytes(data, key=key, source=url)
 
 
@@ -326,7 +325,7 @@ def wds_fallback(batch: Batch, position: int) -> Tensor:
 
 
 class WebDatasetLoader:
-    """An infinite iterator of :class:`~timmface.data.loader.Batch` micro-batches streamed from shards, with
+    """An infinite iterator of :class:`~timmface.data.batch.Batch` micro-batches streamed from shards, with
     the position API of :class:`~timmface.data.loader.TrainLoader` (see the module docstring for what a
     resume guarantees)."""
 
@@ -408,7 +407,7 @@ class WebDatasetLoader:
             stream,
             batch_size=None,
             num_workers=self.num_workers,
-            collate_fn=_pass,
+            collate_fn=pass_batch,
             pin_memory=self.pin_memory and not self.encoded,
             **kwargs,
         )
@@ -434,7 +433,7 @@ class WebDatasetLoader:
                     ) from None
                 self.epoch, self.batch = self.epoch + 1, 0
         self.batch += 1
-        batch = item.to_batch() if isinstance(item, _Wire) else item
+        batch = item.to_batch() if isinstance(item, Wire) else item
         if batch.error is not None:
             raise batch.error
         return self.decoder(batch) if self.decoder is not None else batch
