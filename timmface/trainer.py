@@ -1,6 +1,11 @@
 """The training loop: margin-loss training of a timm backbone (and distillation, which adds terms).
 
-``Trainer(cfg).fit()`` reads as the algorithm; set-up is split into ``_setup_*`` methods.
+``Trainer(cfg).fit()`` reads as the algorithm; set-up is split into ``_setup_*`` methods. The class, top to
+bottom: set-up (runtime, output folder, data, model, optimiser, logging), the state a checkpoint holds and
+resuming from it, one optimiser step (``train_step``: micro-batches, AMP, non-finite handling), ``fit``, and the
+periodic evaluation on ``.bin`` sets. Device choice, seeding, RNG state and compilation are in
+:mod:`timmface.runtime`; the data pipeline in :mod:`timmface.data`; distillation subclasses this class
+(:mod:`timmface.distill`) and fills three hooks instead of forking the loop.
 """
 
 from __future__ import annotations

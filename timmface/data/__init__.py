@@ -1,5 +1,12 @@
 """Datasets and loaders: InsightFace RecordIO, image folders, verification ``.bin`` files, demo data.
 
+Imports flow one way: :mod:`~timmface.data.image` (every decoder) <- the formats (:mod:`~timmface.data.recordio`,
+:mod:`~timmface.data.folder`, :mod:`~timmface.data.bin`) and :mod:`~timmface.data.batch` (the micro-batch from
+worker to device) <- :mod:`~timmface.data.gpu_decode` <- :mod:`~timmface.data.wds` (streamed shards) <-
+:mod:`~timmface.data.loader` (format dispatch, sampling, the training loader). :mod:`~timmface.data.transforms`
+builds augmentations; :mod:`~timmface.data.demo` generates the demo set; :mod:`~timmface.data.tools` backs
+``timmface data``.
+
 Names are resolved lazily so that importing :mod:`timmface.data` stays cheap.
 """
 

@@ -1,4 +1,10 @@
-"""Training batches: deterministic, resumable sampling; uint8 batches; flip + normalise on the device.
+"""The training loader for map-style datasets: deterministic, resumable sampling into uint8 micro-batches.
+
+In this file, top to bottom: format dispatch (:func:`build_dataset`, :func:`dataset_num_classes`), sampling
+(:class:`GlobalBatchSampler`), samples -> micro-batches (:class:`SampleDataset`, :func:`collate`), lending the
+workers a buffer per batch, and :class:`TrainLoader` / :func:`build_train_loader`. The batch itself, how workers
+build it and how it reaches the device live in :mod:`timmface.data.batch`; the decoders in
+:mod:`timmface.data.image`; WebDataset shards stream through :mod:`timmface.data.wds` instead.
 
 Sampling is defined over *global* batches: epoch ``e`` shuffles the dataset with a generator
 seeded by ``(seed, e)``; global batch ``j`` is ``perm[j*B : (j+1)*B]``; rank ``r`` of ``W`` takes
@@ -8,7 +14,8 @@ exact batch, and a run may resume at a different world size.
 
 Each sample also gets a random seed and a flip bit from the same generator. Workers seed the
 augmentation RNG with the sample's seed, so augmentations are reproducible too. Batches travel
-as ``uint8``; :func:`normalize_on_device` mirrors the flipped samples and maps them to [-1, 1].
+as ``uint8``; :func:`~timmface.data.batch.normalize_on_device` mirrors the flipped samples and maps
+them to [-1, 1].
 
 Worker side, a whole micro-batch at a time (:meth:`SampleDataset.__getitems__`): read the encoded
 bytes (``dataset.read_raw``), decode straight into one preallocated ``N x H x W x 3`` uint8 buffer

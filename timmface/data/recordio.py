@@ -15,6 +15,10 @@ Format (see ``/work/shared/REFERENCE.md`` and dmlc-core ``src/recordio.cc``):
   Some packs have no header: every key in the index is then an image.
 * ``train.idx``: text lines ``key<TAB>byte offset``. ``property``: ``num_classes,height,width``.
 
+In this file, top to bottom: records (IRHeader payloads, dmlc framing), the index and its cache, the
+dataset (:class:`RecordIODataset`) and the writer (:class:`RecordIOWriter`). Image decoding is not
+RecordIO's own: it lives in :mod:`timmface.data.image`, shared with every other format.
+
 The parsed index is cached as ``train.idx.npz`` next to the data (or under
 ``$XDG_CACHE_HOME/timmface/idx/`` when the folder is read-only), keyed by the index file's size,
 mtime and a hash of its head and tail, so a changed ``train.idx`` is re-parsed.

@@ -32,6 +32,11 @@ Protocol (``recognition/arcface_torch/eval_ijbc.py`` and ``_evaluation_/ijb/ijb_
    at same fpr"). timm-face's ``np.argmin`` on the unflipped arrays takes the *smallest* TPR at a tied FPR instead.
    Both are reproduced by :func:`roc_curve` / :func:`tar_at_far` without scikit-learn.
 
+This file is that one protocol, in pipeline order: protocol variants (:class:`IJBProtocol`), reading the metadata
+(:func:`load_ijb_meta`), images -> embeddings (:func:`embed_ijb_images`), image -> template features -> pair scores
+(:func:`pool_templates`, :func:`score_pairs`), ROC and TAR@FAR, and :func:`evaluate_ijb`, which runs them all.
+Alignment is in :mod:`timmface.evaluation.align`.
+
 The reference scripts stop on an unreadable image; here it is counted and its template pooled from the rest. A template
 that loses every image has no feature: its pairs are excluded from the ROC and counted in
 :attr:`IJBResult.n_pairs_excluded`.
