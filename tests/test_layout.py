@@ -213,7 +213,8 @@ def test_distillation_needs_only_the_cache_format() -> None:
 
 
 def _tree(tmp_path: Path, files: dict[str, str]) -> dict[str, dict[str, int]]:
-    for rel, text in files.items():
+    """The import graph of package ``pkg`` written under ``tmp_path`` (an empty ``pkg/__init__.py`` unless given)."""
+    for rel, text in {"pkg/__init__.py": "", **files}.items():
         path = tmp_path / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
@@ -225,7 +226,6 @@ def test_checker_counts_function_level_imports_and_skips_type_checking(tmp_path:
     graph = _tree(
         tmp_path,
         {
-            "pkg/__init__.py": "",
             "pkg/a.py": "from pkg.b import f\n",
             "pkg/b.py": "def f():\n    from pkg.a import g\n",
             "pkg/c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import g\nelse:\n"
@@ -264,7 +264,7 @@ def test_checker_names_the_cycle_with_file_and_line(tmp_path: Path, acyclic: boo
     back = "" if acyclic else "x = 1\nimport pkg.a\n"
     graph = _tree(
         tmp_path,
-        {"pkg/__init__.py": "", "pkg/a.py": "import pkg.b\n", "pkg/b.py": "import pkg.c\n", "pkg/c.py": back},
+        {"pkg/a.py": "import pkg.b\n", "pkg/b.py": "import pkg.c\n", "pkg/c.py": back},
     )
     cycles = find_cycles(graph)
     if acyclic:
