@@ -9,9 +9,10 @@ except those under ``if TYPE_CHECKING:``, which never run. Imports of modules ou
 How a statement resolves to the module it names:
 
 * ``import a.b.c`` and ``from a.b.c import name`` name ``a.b.c`` only, not the parent packages ``a`` and ``a.b``.
-  Python does execute their ``__init__`` first, but our ``__init__`` files import nothing heavy, and counting them
-  would make every import of a submodule an edge to its package, turning each package that re-exports a name
-  from a submodule into a false cycle.
+  Python does run their ``__init__`` first, but an edge to the parent would make a false cycle of every package
+  whose ``__init__`` re-exports from its submodules: ``teachers/__init__`` imports ``teachers.load``, and the
+  import of ``teachers.base`` inside ``teachers.load`` would add ``teachers.load -> teachers``, a cycle no reader
+  has to untangle. What a package's ``__init__`` itself imports is counted as that package's own edges.
 * ``from pkg import name`` where ``pkg/name.py`` (or ``pkg/name/__init__.py``) exists names the submodule
   ``pkg.name``: that is the module whose code the statement needs. When ``name`` is not a submodule (a function,
   a class, a re-exported name), it names ``pkg`` itself, whose ``__init__`` must run to provide it.
@@ -20,8 +21,8 @@ How a statement resolves to the module it names:
 * A statement that names the module containing it (``from . import x`` inside a package's own ``__init__`` when
   ``x`` is not a submodule) is not an edge.
 
-Lazy name tables resolved with ``importlib.import_module`` (``timmface.data.__getattr__``) are not import
-statements and are not counted; nothing inside the three packages uses them, only callers outside.
+Lazy name tables resolved with ``importlib.import_module`` (``timmface.data.__getattr__``, the command table of
+``timmface.cli``) are not import statements and are not counted: they run only when a caller asks for a name.
 """
 
 from __future__ import annotations
