@@ -15,6 +15,7 @@ References (formulas, not code):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -29,10 +30,18 @@ def _as_float(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _positive_rows(labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Indices of rows that have their class in this logit matrix, and those classes."""
-    rows = torch.nonzero(labels >= 0, as_tuple=True)[0]
-    return rows, labels[rows]
+def _replace_targets(logits: Tensor, labels: Tensor, margin: Callable[[Tensor], Tensor]) -> Tensor:
+    """``logits`` (``N x C``) with each row's logit at its class, ``t`` (``N``), replaced by ``margin(t)``;
+    rows labelled ``-1`` (their class is not among these columns) are left as they are.
+
+    Fixed shapes throughout (gather, where, scatter): selecting the labelled rows with ``nonzero`` would
+    make the host wait for the device at every step. Rows labelled -1 read column 0 and put it back.
+    """
+    if logits.shape[1] == 0:  # a shard that sampled no centre
+        return logits
+    cols = labels.clamp_min(0)[:, None]
+    target = logits.gather(1, cols)[:, 0]
+    return logits.scatter(1, cols, torch.where(labels >= 0, margin(target), target)[:, None])
 
 
 class MarginLoss(nn.Module):
@@ -58,9 +67,7 @@ class CosFace(MarginLoss):
 
     def margin_logits(self, cosine: Tensor, norms: Tensor, labels: Tensor) -> Tensor:
         logits = _as_float(cosine).clamp(-1.0, 1.0)
-        rows, cols = _positive_rows(labels)
-        logits = logits.index_put((rows, cols), logits[rows, cols] - self.m)
-        return logits * self.s
+        return _replace_targets(logits, labels, lambda target: target - self.m) * self.s
 
     def extra_repr(self) -> str:
         return f"s={self.s}, m={self.m}"
@@ -82,19 +89,18 @@ class ArcFace(MarginLoss):
 
     def margin_logits(self, cosine: Tensor, norms: Tensor, labels: Tensor) -> Tensor:
         logits = _as_float(cosine).clamp(-1.0, 1.0)
-        rows, cols = _positive_rows(labels)
-        target = logits[rows, cols]
-        if self.straight_through:
-            with torch.no_grad():
-                shifted = torch.cos(torch.arccos(target) + self.m)
-            new_target = target + (shifted - target).detach()
-        else:
+
+        def margin(target: Tensor) -> Tensor:
+            if self.straight_through:
+                with torch.no_grad():
+                    shifted = torch.cos(torch.arccos(target) + self.m)
+                return target + (shifted - target).detach()
             # clamp away from ±1, where d/dc arccos(c) is infinite
             eps = 1e-7
             theta = torch.arccos(target.clamp(-1.0 + eps, 1.0 - eps))
-            new_target = torch.cos((theta + self.m).clamp(0.0, math.pi))
-        logits = logits.index_put((rows, cols), new_target)
-        return logits * self.s
+            return torch.cos((theta + self.m).clamp(0.0, math.pi))
+
+        return _replace_targets(logits, labels, margin) * self.s
 
     def extra_repr(self) -> str:
         return f"s={self.s}, m={self.m}, straight_through={self.straight_through}"
@@ -113,6 +119,12 @@ class AdaFace(MarginLoss):
     Under DDP with a replicated head, ``sync_stats=True`` computes the batch statistics over the
     global batch (all-reduced), so the running buffers stay identical on every rank and equal
     those of a single-process run with the same global batch.
+
+    Norms may be ``N`` or the reference's ``N x 1``. Only finite norms move the statistics: one NaN or
+    infinite embedding (an overflow) would otherwise make them NaN, and every later loss with them, so a
+    run skipping non-finite steps could never recover. A batch without two finite norms keeps the std
+    (the unbiased std of one sample is undefined), without any it keeps both. All of it on the device:
+    no host synchronisation.
     """
 
     batch_mean: Tensor
@@ -128,39 +140,53 @@ class AdaFace(MarginLoss):
         self.register_buffer("batch_mean", torch.tensor(20.0))
         self.register_buffer("batch_std", torch.tensor(100.0))
 
-    def _mean_std(self, norms: Tensor) -> tuple[Tensor, Tensor]:
+    def _mean_std(self, norms: Tensor, finite: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, unbiased std (n - 1, as the reference's torch.std) and count of the finite norms, in float64;
+        over the global batch with ``sync_stats`` under DDP."""
+        x = torch.where(finite, norms.double(), 0.0)  # clipped to [0.001, 100]: float64 sums lose nothing that counts
+        sums = torch.stack([finite.sum().double(), x.sum(), x.square().sum()])
         if self.sync_stats and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            n = torch.tensor(float(norms.numel()), device=norms.device, dtype=torch.float64)
-            sums = torch.stack([n, norms.double().sum(), norms.double().square().sum()])
             dist.all_reduce(sums)
-            n, total, total_sq = sums.unbind()
-            mean = total / n
-            var = (total_sq - total * mean) / (n - 1)
-            return mean.float(), var.clamp_min(0).sqrt().float()
-        if norms.numel() < 2:  # the unbiased std of one sample is undefined: keep the running value
-            return norms.mean(), self.batch_std.clone()
-        return norms.mean(), norms.std()  # torch.std is unbiased (n - 1), as in the reference
+        n, total, total_sq = sums.unbind()
+        mean = total / n.clamp_min(1)
+        var = (total_sq - total * mean) / (n - 1).clamp_min(1)
+        return mean, var.clamp_min(0).sqrt(), n
+
+    @staticmethod
+    def _flat_norms(norms: Tensor, rows: int) -> Tensor:
+        """``N`` or ``N x 1`` norms as ``N``; any other shape is an error (raised before any state changes)."""
+        if norms.ndim == 2 and norms.shape[1] == 1:
+            norms = norms[:, 0]
+        if norms.shape != (rows,):
+            raise ValueError(f"AdaFace: norms must be N or N x 1 for the N = {rows} rows, got {tuple(norms.shape)}")
+        return norms
 
     @torch.no_grad()
     def update_stats(self, norms: Tensor) -> Tensor:
-        """Clip the norms, move the running mean/std towards this batch; returns the clipped norms."""
-        safe = _as_float(norms.detach()).clamp(0.001, 100.0)
-        mean, std = self._mean_std(safe)
-        self.batch_mean.copy_(mean * self.t_alpha + (1 - self.t_alpha) * self.batch_mean)
-        self.batch_std.copy_(std * self.t_alpha + (1 - self.t_alpha) * self.batch_std)
+        """Clip the norms, move the running mean/std towards this batch's finite ones; returns the clipped norms
+        (``N``; a non-finite norm stays non-finite)."""
+        norms = self._flat_norms(norms, norms.shape[0])
+        raw = _as_float(norms.detach())
+        safe = raw.clamp(0.001, 100.0)
+        mean, std, n = self._mean_std(safe, torch.isfinite(raw))
+        t = self.t_alpha
+        new_mean = (mean * t + (1 - t) * self.batch_mean.double()).to(self.batch_mean.dtype)
+        new_std = (std * t + (1 - t) * self.batch_std.double()).to(self.batch_std.dtype)
+        self.batch_mean.copy_(torch.where(n >= 1, new_mean, self.batch_mean))
+        self.batch_std.copy_(torch.where(n >= 2, new_std, self.batch_std))
         return safe
 
     def margin_logits(self, cosine: Tensor, norms: Tensor, labels: Tensor) -> Tensor:
+        norms = self._flat_norms(norms, cosine.shape[0])
         logits = _as_float(cosine).clamp(-1.0 + self.eps, 1.0 - self.eps)
         safe = self.update_stats(norms)
         scaler = ((safe - self.batch_mean) / (self.batch_std + self.eps) * self.h).clamp(-1.0, 1.0)
-        rows, cols = _positive_rows(labels)
-        scaler = scaler[rows]
-        theta = torch.arccos(logits[rows, cols])
-        theta_m = (theta - self.m * scaler).clamp(self.eps, math.pi - self.eps)
-        new_target = torch.cos(theta_m) - (self.m + self.m * scaler)
-        logits = logits.index_put((rows, cols), new_target)
-        return logits * self.s
+
+        def margin(target: Tensor) -> Tensor:
+            theta_m = (torch.arccos(target) - self.m * scaler).clamp(self.eps, math.pi - self.eps)
+            return torch.cos(theta_m) - (self.m + self.m * scaler)
+
+        return _replace_targets(logits, labels, margin) * self.s
 
     def extra_repr(self) -> str:
         return f"m={self.m}, h={self.h}, s={self.s}, t_alpha={self.t_alpha}"

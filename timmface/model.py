@@ -33,7 +33,16 @@ def partial_fc_sample(labels: Tensor, num_classes: int, k: int, generator: torch
     As in Partial FC (An et al., 2021; arcface_torch ``PartialFC_V2.sample``): positives get a
     score of 2, everything else a uniform score in [0, 1), and the top ``k`` are kept. When the
     batch holds more than ``k`` classes, all of its classes are kept.
+
+    When ``k`` is at least the number of labels (the usual case: 16,384 sampled centres against a
+    micro-batch of hundreds) every positive fits, and scoring the labels directly (repeats write the same
+    2.0) gives the same scores, the same random draw and the same indices without ``torch.unique``, whose
+    data-dependent size would make the host wait for the device at every step.
     """
+    if k >= labels.numel():
+        score = torch.rand(num_classes, device=labels.device, generator=generator)
+        score[labels] = 2.0
+        return torch.topk(score, k, sorted=False).indices.sort().values
     positives = torch.unique(labels)
     if positives.numel() >= k:
         return positives

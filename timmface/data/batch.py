@@ -356,22 +356,43 @@ def normalize_on_device(
     memory_format: torch.memory_format = torch.contiguous_format,
 ) -> Tensor:
     """uint8 ``N x 3 x H x W`` (any memory layout) -> float ``(x / 255 - 0.5) / 0.5`` in ``memory_format``,
-    with ``flips`` rows mirrored."""
+    with ``flips`` rows mirrored. Flips on an accelerator are applied without first asking whether any is
+    set: reading a device tensor on the host waits for the device (see :class:`DeviceNormalizer`)."""
     x = images.to(dtype, memory_format=memory_format)
-    if flips is not None and flips.any():
+    if flips is not None and (flips.device.type != "cpu" or bool(flips.any())):
         x = torch.where(flips.view(-1, 1, 1, 1), x.flip(3), x)
     return x.mul_(1.0 / 127.5).sub_(1.0)
 
 
 class DeviceNormalizer:
-    """Moves a :class:`Batch` to the device (non-blocking) and returns float images in [-1, 1]."""
+    """Moves a :class:`Batch` to the device (non-blocking) and returns float images in [-1, 1].
+
+    On CUDA the copies are issued on a side stream and the normalisation waits for them on the compute
+    stream (``wait_stream``; ``record_stream`` keeps the allocator from reusing the memory too early). The
+    training step reads nothing back from the device, so the host runs ahead of it: the next batch's copy
+    (from the pinned memory the DataLoader hands over) then overlaps the current step's kernels instead of
+    queueing behind them on one stream. Whether a sample is mirrored at all is read from the batch's CPU
+    flips, never from the device copy.
+    """
 
     def __init__(self, device: torch.device, channels_last: bool = False) -> None:
         self.device, self.channels_last = device, channels_last
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def _to_device(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        tensors = (batch.images, batch.flips, batch.labels)
+        if self.stream is None:
+            return tuple(t.to(self.device, non_blocking=True) for t in tensors)  # type: ignore[return-value]
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.stream):
+            moved = tuple(t.to(self.device, non_blocking=True) for t in tensors)
+        compute.wait_stream(self.stream)
+        for t in moved:
+            t.record_stream(compute)
+        return moved  # type: ignore[return-value]
 
     def __call__(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        images = batch.images.to(self.device, non_blocking=True)
-        flips = batch.flips.to(self.device, non_blocking=True)
-        labels = batch.labels.to(self.device, non_blocking=True)
+        images, flips, labels = self._to_device(batch)
+        mirror = flips if batch.flips.device.type != "cpu" or bool(batch.flips.any()) else None
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return normalize_on_device(images, flips, memory_format=fmt), labels, flips
+        return normalize_on_device(images, mirror, memory_format=fmt), labels, flips
