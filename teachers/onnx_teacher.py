@@ -7,11 +7,18 @@ interface as every other teacher. Input convention, as insightface's ``ArcFaceON
 ``Sub``/``_minus*`` and one ``Mul``/``_mul*`` (older MXNet conversions normalise inside the graph), in
 which case it takes raw 0..255 pixels. The batch axis may be fixed (often to 1): then the batch is fed
 in chunks of that size, the last one zero-padded.
+
+The node names (and the parameter count) are read from the file's protobuf encoding by
+:func:`read_graph_facts`, not through the ``onnx`` package: onnxruntime alone does not expose node names,
+and the convention must not depend on which of the two packages happens to be installed (with onnxruntime
+only, raw-pixel models used to get [-1, 1] input: wrong embeddings and no error).
 """
 
 from __future__ import annotations
 
-import math
+import mmap
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +32,7 @@ from timmface.errors import TeacherError
 from .base import Teacher
 from .files import first_line
 
-__all__ = ["OnnxNet", "load_onnx_teacher", "onnx_recognition_model"]
+__all__ = ["GraphFacts", "OnnxNet", "load_onnx_teacher", "onnx_recognition_model", "read_graph_facts"]
 
 _INSTALL = "pip install timmface[onnx]"
 
@@ -49,21 +56,108 @@ def _session(path: Path) -> Any:
         raise TeacherError(f"{path}: onnxruntime cannot load it: {first_line(e)}") from None
 
 
-def _graph_facts(path: Path) -> tuple[bool, int | None]:
-    """``(takes_raw_pixels, parameter count)`` read with ``onnx`` (``(False, None)`` if it is not installed)."""
+# ---------------------------------------------------------------------------------------------------------------
+# The few facts needed from the graph, read from its protobuf wire format (onnx.proto3 field numbers:
+# ModelProto.graph = 7; GraphProto.node = 1, .initializer = 5; NodeProto.name = 3; TensorProto.dims = 1)
+# ---------------------------------------------------------------------------------------------------------------
+
+_MODEL_GRAPH, _GRAPH_NODE, _GRAPH_INITIALIZER, _NODE_NAME, _TENSOR_DIMS = 7, 1, 5, 3, 1
+_FIRST_NODES = 8  # insightface's ArcFaceONNX looks at graph.node[:8]
+
+
+@dataclass(frozen=True)
+class GraphFacts:
+    first_nodes: list[str]
+    """Names of the graph's first 8 nodes, in order."""
+    parameters: int
+    """Elements of all initializers (the weights; BatchNorms are usually folded into convolutions)."""
+
+    @property
+    def raw_pixels(self) -> bool:
+        """insightface's rule: a ``Sub``/``_minus*`` and a ``Mul``/``_mul*`` node among the first 8 mean the graph
+        normalises raw 0..255 pixels itself (older MXNet conversions)."""
+        has_sub = any(n.startswith(("Sub", "_minus")) for n in self.first_nodes)
+        has_mul = any(n.startswith(("Mul", "_mul")) for n in self.first_nodes)
+        return has_sub and has_mul
+
+
+def _varint(buf: Any, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise ValueError(f"bad varint at byte {pos}")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, Any]]:
+    """``(field number, wire type, value)`` of one message: the integer of a varint, the ``(start, end)`` span of a
+    length-delimited field (sub-message, bytes, packed numbers), None for fixed-size numbers."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        field, wire = key >> 3, key & 7
+        value: Any = None
+        if wire == 0:
+            value, pos = _varint(buf, pos, end)
+        elif wire == 1:
+            pos += 8
+        elif wire == 2:
+            length, pos = _varint(buf, pos, end)
+            value, pos = (pos, pos + length), pos + length
+        elif wire == 5:
+            pos += 4
+        else:  # 3/4: groups, which onnx.proto does not use
+            raise ValueError(f"wire type {wire} at byte {pos}")
+        if pos > end:
+            raise ValueError(f"field {field} runs past the end of its message (byte {end})")
+        yield field, wire, value
+
+
+def _dims(buf: Any, start: int, end: int) -> list[int]:
+    dims: list[int] = []
+    for field, wire, value in _fields(buf, start, end):
+        if field != _TENSOR_DIMS:
+            continue
+        if wire == 0:
+            dims.append(value)
+        elif wire == 2:  # packed
+            pos, stop = value
+            while pos < stop:
+                d, pos = _varint(buf, pos, stop)
+                dims.append(d)
+    return dims
+
+
+def read_graph_facts(path: str | Path) -> GraphFacts:
+    """The first node names and the parameter count of an ONNX file, without the ``onnx`` package (memory-mapped:
+    weights are skipped, not read). TeacherError when the file is not a readable ONNX model."""
+    path = Path(path)
     try:
-        import onnx
-    except ImportError:
-        return False, None
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        return False, None
-    names = [node.name for node in model.graph.node[:8]]
-    has_sub = any(n.startswith(("Sub", "_minus")) for n in names)
-    has_mul = any(n.startswith(("Mul", "_mul")) for n in names)
-    params = sum(math.prod(t.dims) for t in model.graph.initializer)
-    return has_sub and has_mul, params
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            names: list[str] = []
+            params = 0
+            graph = next((v for fld, w, v in _fields(buf, 0, len(buf)) if fld == _MODEL_GRAPH and w == 2), None)
+            if graph is None:
+                raise ValueError("no graph")
+            for field, wire, value in _fields(buf, *graph):
+                if wire != 2:
+                    continue
+                if field == _GRAPH_NODE and len(names) < _FIRST_NODES:
+                    name = next((v for fld, w, v in _fields(buf, *value) if fld == _NODE_NAME and w == 2), None)
+                    names.append(bytes(buf[name[0] : name[1]]).decode("utf-8", "replace") if name else "")
+                elif field == _GRAPH_INITIALIZER:
+                    count = 1
+                    for d in _dims(buf, *value):
+                        count *= d
+                    params += count
+    except (OSError, ValueError) as e:  # mmap of an empty file is a ValueError too
+        raise TeacherError(f"{path}: cannot read the ONNX graph to tell its input convention ({e})") from None
+    return GraphFacts(names, params)
 
 
 def _dim(value: Any) -> int | None:
@@ -141,14 +235,15 @@ def load_onnx_teacher(path: Path, arch: str | None = None) -> Teacher:
     embed_dim = _dim(out_shape[-1]) if out_shape else None
     if embed_dim is None:  # a dynamic output axis: ask the model
         embed_dim = int(net(torch.zeros(net.batch or 1, 3, h, w)).shape[1])
-    raw, params = _graph_facts(path)
+    facts = read_graph_facts(path)
+    raw = facts.raw_pixels
     if arch is not None and arch not in (path.stem, path.name):
         raise TeacherError(f"{path}: holds ONNX model '{path.stem}' but arch='{arch}' was asked for")
     info = {
         "format": "onnx",
         "architecture": path.stem,
         "depth": None,
-        "parameters": params,
+        "parameters": facts.parameters,
         "input": "RGB, 0..255 (normalised inside the graph)" if raw else "RGB, (x - 127.5)/127.5 = [-1, 1]",
         "embed_dim": embed_dim,
         "input_size": (3, h, w),

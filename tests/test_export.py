@@ -172,5 +172,9 @@ def test_bad_input_is_one_line(trained: Path, tmp_path: Path, capsys):
     assert main(["export", str(trained), "--out", str(trained.parent), "--overwrite"]) == 2  # would delete the run
     assert "lives inside it" in capsys.readouterr().err and list_checkpoints(trained)
 
-    assert main(["export", str(trained), "--out", str(out), "--overwrite"]) == 0
+    assert main(["export", str(trained), "--out", str(out), "--overwrite"]) == 2  # not a previous export
+    err = capsys.readouterr().err.strip()
+    assert "keep.txt" in err and "\n" not in err and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert main(["export", str(trained), "--out", str(out)]) == 0  # an empty folder is free
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]

@@ -13,6 +13,11 @@ from collections.abc import Sequence
 
 from timmface.errors import TimmfaceError
 
+DESCRIPTION = (
+    "timm backbones for face recognition: train with margin losses, distil from a frozen teacher, evaluate, "
+    "embed and export. Run 'timmface COMMAND --help' for the options of a command."
+)
+
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("timmface.commands.train", "train a timm backbone with a margin loss"),
@@ -27,8 +32,30 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("timmface")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from timmface import __version__
+
+        return __version__
+
+
+def _name_commands(parser: argparse.ArgumentParser) -> None:
+    """Give every parser of the tree its full command name (``timmface data pack``) as the default of ``_prog``:
+    argparse keeps the innermost subcommand's defaults, so errors can name exactly the command that failed."""
+    parser.set_defaults(_prog=parser.prog)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _name_commands(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="timmface", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="timmface", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         try:
@@ -40,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
+    _name_commands(parser)
     return parser
 
 
@@ -52,10 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed = code != 0
         return code
     except TimmfaceError as e:
-        print(f"timmface {args.command}: error: {e}", file=sys.stderr)
+        print(f"{args._prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"timmface {args.command}: interrupted", file=sys.stderr)
+        print(f"{args._prog}: interrupted", file=sys.stderr)
         return 130
     finally:
         from timmface.distributed import shutdown_distributed

@@ -24,10 +24,12 @@ from torch import nn
 
 from timmface.checkpoint import clean_state_dict, list_checkpoints, load_checkpoint
 from timmface.errors import CheckpointError, ConfigError, TimmfaceError
+from timmface.fileio import atomic_path, output_mode, replaceable_folder
 
 __all__ = [
     "FACE_INPUT_SIZE",
     "ExportResult",
+    "OnnxCheck",
     "RunModel",
     "export_onnx",
     "export_run",
@@ -53,7 +55,6 @@ _SOURCE_FIELDS = ("tag", "license", "hf_hub_id", "hf_hub_filename", "url", "file
                   "test_input_size", "test_crop_pct", "test_pool_size", "label_names", "label_descriptions", "notes",
                   "paper_ids", "paper_name", "origin_url")  # fmt: skip
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 ONNX_EXTRA = "pip install 'timmface[onnx]'"
 
 
@@ -317,7 +318,8 @@ def model_card(
             "",
             f"`model.onnx`: input `input` float32 `batch x 3 x {input_size[1]} x {input_size[2]}` (dynamic batch), "
             "RGB in [-1, 1]; output `embedding` `batch x " + str(dim) + "`. Checked against PyTorch with onnxruntime "
-            "(max abs difference <= 1e-4).",
+            f"on random batches (every embedding: cosine >= {OnnxCheck.MIN_COSINE}, relative error <= "
+            f"{OnnxCheck.MAX_RELATIVE_ERROR:g}).",
         ]
     lines += [
         "",
@@ -374,10 +376,13 @@ def save_hub_folder(
     if "data_config" in inspect.signature(save_for_hf).parameters:  # timm >= 1.0.2x resolves the data config itself
         kwargs["data_config"] = {**FACE_DATA_CONFIG, "input_size": tuple(input_size)}
     save_for_hf(model, str(folder), **kwargs)
+    for p in Path(folder).iterdir():  # safetensors creates its files 0600; every output gets the usual mode
+        os.chmod(p, output_mode())
 
 
-def _check_timm_reload(model: nn.Module, folder: Path, input_size: tuple[int, int, int]) -> float:
-    """Rebuild the folder with plain ``timm.create_model("local-dir:...")``; the smallest cosine to ``model``."""
+def _check_timm_reload(model: nn.Module, folder: Path, input_size: tuple[int, int, int], shown: Path) -> float:
+    """Rebuild the folder with plain ``timm.create_model("local-dir:...")``; the smallest cosine to ``model``.
+    Messages name ``shown`` (where the folder will be), not the temporary folder being checked."""
     import timm
 
     import students  # noqa: F401  (face variants must be registered for timm to build them)
@@ -387,7 +392,7 @@ def _check_timm_reload(model: nn.Module, folder: Path, input_size: tuple[int, in
     with torch.no_grad():
         a, b = model(x).float(), reloaded(x).float()
     if a.shape != b.shape:
-        raise CheckpointError(f"{folder}: timm rebuilt a model with output {tuple(b.shape)}, expected {tuple(a.shape)}")
+        raise CheckpointError(f"{shown}: timm rebuilt a model with output {tuple(b.shape)}, expected {tuple(a.shape)}")
     return float(torch.nn.functional.cosine_similarity(a, b, dim=1).min())
 
 
@@ -402,88 +407,133 @@ def _require_onnx() -> None:
         raise ConfigError(f"ONNX export needs {', '.join(missing)}, which is not installed: {ONNX_EXTRA}")
 
 
+@dataclass
+class OnnxCheck:
+    """How onnxruntime's embeddings of random batches compare with PyTorch's, per embedding (row).
+
+    Face embeddings are compared by direction (cosine) and, since some uses keep the norm (AdaFace's quality,
+    norm-weighted template pooling), by relative size; an absolute limit would depend on the embeddings' scale
+    (unnormalised norms of 10 to 1000 are common), so float32 rounding alone could fail a correct export.
+    """
+
+    cosine: float
+    """The smallest cosine between an onnxruntime embedding and PyTorch's."""
+    relative_error: float
+    """The largest ``||onnx - torch|| / ||torch||``."""
+
+    MIN_COSINE = 0.99999
+    MAX_RELATIVE_ERROR = 1e-3
+
+    @classmethod
+    def of(cls, got: Any, ref: Any) -> OnnxCheck:
+        """Compare ``N x D`` arrays, in float64."""
+        import numpy as np
+
+        got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+        ref_norm = np.linalg.norm(ref, axis=1)
+        tiny = np.finfo(np.float32).tiny
+        cosine = (got * ref).sum(1) / np.maximum(np.linalg.norm(got, axis=1) * ref_norm, tiny)
+        relative = np.linalg.norm(got - ref, axis=1) / np.maximum(ref_norm, tiny)
+        return cls(float(cosine.min()), float(relative.max()))
+
+    def worst(self, other: OnnxCheck) -> OnnxCheck:
+        return OnnxCheck(min(self.cosine, other.cosine), max(self.relative_error, other.relative_error))
+
+    @property
+    def ok(self) -> bool:
+        return self.cosine >= self.MIN_COSINE and self.relative_error <= self.MAX_RELATIVE_ERROR
+
+    def describe(self) -> str:
+        return f"smallest cosine {self.cosine:.7f}, largest relative error {self.relative_error:.1e}"
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
     input_size: tuple[int, int, int] = FACE_INPUT_SIZE,
     *,
-    atol: float = 1e-4,
     check_batches: tuple[int, ...] = (2, 5),
-) -> float:
-    """Export ``model`` (``N x 3 x H x W`` -> ``N x D``) to ONNX with a dynamic batch axis; returns the max abs diff.
+    shown: str | Path | None = None,
+) -> OnnxCheck:
+    """Export ``model`` (``N x 3 x H x W`` -> ``N x D``) to ONNX with a dynamic batch axis; returns the check.
 
     The graph is written to a temporary name, run with onnxruntime on random batches of each size in
-    ``check_batches`` and compared with PyTorch; it is renamed to ``path`` only when every difference is <= ``atol``.
-    Input ``input``, output ``embedding``. Needs the ``timmface[onnx]`` extra (onnx, onnxruntime, onnxscript).
+    ``check_batches`` and compared with PyTorch (:class:`OnnxCheck`); it is renamed to ``path`` only when it passes.
+    Input ``input``, output ``embedding``. Errors (CheckpointError, one line: "``shown``: not written: why") name
+    ``shown`` (default ``path``), never the temporary file. Needs the ``timmface[onnx]`` extra (onnx, onnxruntime,
+    onnxscript).
     """
     _require_onnx()
     import warnings
 
-    import numpy as np
     import onnxruntime as ort
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shown = path if shown is None else shown
     model = model.eval()
     example = torch.randn(2, *input_size)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            # the dynamo exporter: the TorchScript one cannot export timm's antialiased position-embedding resampling
-            torch.onnx.export(
-                model, (example,), str(tmp), input_names=["input"], output_names=["embedding"],
-                dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False, verbose=False,
-            )  # fmt: skip
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        worst = 0.0
-        g = torch.Generator().manual_seed(0)
-        for n in check_batches:
-            x = torch.rand(n, *input_size, generator=g) * 2 - 1
-            with torch.no_grad():
-                ref = model(x).float().numpy()
-            got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-            if got.shape != ref.shape:
+        with atomic_path(path, hidden=True) as tmp:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                # the dynamo exporter: the TorchScript one cannot export timm's antialiased pos-embedding resampling
+                torch.onnx.export(
+                    model, (example,), str(tmp), input_names=["input"], output_names=["embedding"],
+                    dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False, verbose=False,
+                )  # fmt: skip
+            session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            check = OnnxCheck(1.0, 0.0)
+            g = torch.Generator().manual_seed(0)
+            for n in check_batches:
+                x = torch.rand(n, *input_size, generator=g) * 2 - 1
+                with torch.no_grad():
+                    ref = model(x).float().numpy()
+                got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+                if got.shape != ref.shape:
+                    raise CheckpointError(
+                        f"{shown}: not written: ONNX output has shape {got.shape} for a batch of {n}, "
+                        f"PyTorch {ref.shape}"
+                    )
+                check = check.worst(OnnxCheck.of(got, ref))
+            if not check.ok:
                 raise CheckpointError(
-                    f"{path}: ONNX output has shape {got.shape} for a batch of {n}, PyTorch {ref.shape}"
+                    f"{shown}: not written: ONNX output differs from PyTorch ({check.describe()}; needs cosine >= "
+                    f"{OnnxCheck.MIN_COSINE} and relative error <= {OnnxCheck.MAX_RELATIVE_ERROR:g})"
                 )
-            worst = max(worst, float(np.abs(got - ref).max()))
-        if not worst <= atol:
-            raise CheckpointError(
-                f"{path}: ONNX output differs from PyTorch by {worst:.2e} (more than {atol:g}); not written"
-            )
-        os.replace(tmp, path)
     except TimmfaceError:
         raise
     except Exception as e:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: ONNX export failed ({type(e).__name__}: {first})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return worst
+        raise CheckpointError(f"{shown}: not written: ONNX export failed ({type(e).__name__}: {first})") from None
+    return check
 
 
 def check_repo_id(repo_id: str) -> str:
-    if not _REPO_ID.match(repo_id):
-        raise ConfigError(f"--push-to-hub: '{repo_id}' is not a Hub repository id (expected OWNER/NAME)")
-    return repo_id
+    from timmface.hub import check_repo_id as check
+
+    return check(repo_id, "--push-to-hub")
 
 
-def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, message: str | None = None) -> str:
-    """Create the Hub model repository ``repo_id`` (if needed) and upload ``folder``; returns the repository URL."""
+def push_folder(
+    folder: str | Path, repo_id: str, *, private: bool = False, message: str | None = None
+) -> tuple[str, str | None]:
+    """Create the Hub model repository ``repo_id`` (if needed) and upload ``folder`` as one commit; returns the
+    repository URL and that commit's hash (what ``hf-hub:OWNER/NAME@<commit>`` loads back exactly)."""
     import huggingface_hub
 
     check_repo_id(repo_id)
     api = huggingface_hub.HfApi()
     try:
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        api.upload_folder(
+        info = api.upload_folder(
             repo_id=repo_id, folder_path=str(folder), repo_type="model",
             commit_message=message or f"Upload {Path(folder).name} exported with timmface",
         )  # fmt: skip
     except Exception as e:  # network, auth, permission: huggingface_hub raises its own HTTP error types
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise TimmfaceError(f"--push-to-hub {repo_id}: upload failed ({type(e).__name__}: {first})") from None
-    return str(url)
+    commit = getattr(info, "oid", None)  # huggingface_hub's CommitInfo
+    return str(url), str(commit) if commit else None
 
 
 @dataclass
@@ -495,19 +545,27 @@ class ExportResult:
     files: list[str]
     reload_cosine: float
     """Smallest cosine between timm's reload of the folder and the run's backbone (1.0 when identical)."""
-    onnx_max_diff: float | None = None
+    onnx_check: OnnxCheck | None = None
+    """How ``model.onnx`` compared with PyTorch (None: not asked for, or not written)."""
+    onnx_error: str | None = None
+    """Why ``model.onnx`` was asked for but not written (the timm folder was written all the same)."""
     url: str | None = None
+    commit: str | None = None
+    """The Hub commit the upload made (``--push-to-hub``)."""
+
+
+# what an export folder holds; beside it, what timmface writes into one later (eval results of the exported model)
+EXPORT_FILES = ("config.json", "model.safetensors", "README.md")
+_EXPORT_EXTRAS = ("model.onnx", "eval.json", "eval_*_roc.png")
 
 
 def _check_output(out: Path, overwrite: bool, protect: list[Path]) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"{out}: output folder exists; pass --overwrite to replace it")
+    """``--overwrite`` replaces only a previous export: never the run being exported, nor any other folder."""
+    if out.is_dir() and any(out.iterdir()) and overwrite:
         for p in protect:
             if p.resolve().is_relative_to(out.resolve()):
                 raise ConfigError(f"{out}: --overwrite would delete {p}, which lives inside it; choose another --out")
+    replaceable_folder(out, overwrite, what="timmface export", required=EXPORT_FILES, allowed=_EXPORT_EXTRAS)
 
 
 def export_run(
@@ -542,28 +600,39 @@ def export_run(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    onnx_check: OnnxCheck | None = None
+    onnx_error: str | None = None
     try:
         save_hub_folder(model, tmp, kwargs, input_size)
-        cosine = _check_timm_reload(model, tmp, input_size)
+        cosine = _check_timm_reload(model, tmp, input_size, shown=out)
         if not cosine >= 0.99999:
             raise CheckpointError(
                 f"{out}: timm's reload of the exported folder differs from the run (cosine {cosine:.6f})"
             )
-        onnx_diff = export_onnx(model, tmp / "model.onnx", input_size) if onnx else None
+        if onnx:  # a failed ONNX export or check costs the ONNX file only: the timm folder is still written
+            try:
+                onnx_check = export_onnx(model, tmp / "model.onnx", input_size, shown=out / "model.onnx")
+            except CheckpointError as e:
+                onnx_error = str(e)
         records = _read_records(run_dir)
-        card = model_card(run, records, hub_id=push_to_hub, folder=str(out), has_onnx=onnx, input_size=input_size)
+        card = model_card(
+            run, records, hub_id=push_to_hub, folder=str(out), has_onnx=onnx_check is not None, input_size=input_size
+        )
         (tmp / "README.md").write_text(card, encoding="utf-8")
+        os.chmod(tmp / "README.md", output_mode())
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+    except OSError as e:  # disk full, permissions: one line naming the folder being written
+        raise CheckpointError(f"{out}: cannot write the export ({e.strerror or type(e).__name__})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result = ExportResult(
         folder=out, checkpoint=ckpt_path, weights=run.weights, files=sorted(p.name for p in out.iterdir()),
-        reload_cosine=cosine, onnx_max_diff=onnx_diff,
+        reload_cosine=cosine, onnx_check=onnx_check, onnx_error=onnx_error,
     )  # fmt: skip
-    if push_to_hub:
-        result.url = push_folder(out, push_to_hub, private=private)
+    if push_to_hub and onnx_error is None:  # never upload a folder that lacks what was asked for
+        result.url, result.commit = push_folder(out, push_to_hub, private=private)
     return result
 
 

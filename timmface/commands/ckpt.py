@@ -18,7 +18,13 @@ from timmface.errors import CheckpointError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="ckpt_command", metavar="ACTION", required=True)
-    merge = sub.add_parser("merge", help="write the full class-centre matrix of a sharded checkpoint as one file")
+    merge = sub.add_parser(
+        "merge",
+        help="write the full class-centre matrix of a sharded checkpoint as one file",
+        description="Write one plain checkpoint from a run with head.sharded=true: the full C x D class-centre "
+        "matrix and its optimiser state, as an unsharded run saves them. Any tool can read it, and a run can resume "
+        "from it with or without sharding, at any number of GPUs.",
+    )
     merge.add_argument("source", metavar="RUN_OR_CKPT", help="run directory (its newest checkpoint) or step_*.pt file")
     merge.add_argument("--out", metavar="FILE", help="where to write (default: <checkpoint>.merged.pt beside it)")
 

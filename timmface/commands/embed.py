@@ -24,7 +24,10 @@ __all__ = ["add_arguments", "dataset_from_paths", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", required=True, metavar="SPEC", help="run directory, checkpoint, teacher file or folder"
+        "--model",
+        required=True,
+        metavar="SPEC",
+        help="run directory, checkpoint, teacher file or folder, or hf-hub:OWNER/REPO[@REVISION][/FILE]",
     )
     parser.add_argument(
         "--data",
@@ -48,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--normalize", action="store_true", help="L2-normalise the stored embeddings")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored dtype (not --cache)")
     parser.add_argument("--image-size", type=int, default=112, help="images are resized to this size first (112)")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--batch-size", type=int, default=256, help="images per forward pass (default 256; lower it if memory is short)"
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -203,6 +208,10 @@ def _run_file(args: argparse.Namespace, out: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from timmface.hub import pin
+
+    # a Hub id is resolved once, to a commit: the outputs record exactly which weights made them
+    args.model = pin(args.model)
     out = Path(args.out)
     if args.cache or out.suffix == ".tfemb":
         return _run_cache(args, out)

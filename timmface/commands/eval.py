@@ -2,7 +2,9 @@
 
 SPEC is a timmface run directory or checkpoint (its backbone, EMA weights when present -- exactly what the trainer
 evaluates) or anything :func:`teachers.load_teacher` reads (insightface iResNet ``.pth``, AdaFace ``.ckpt``, a timm
-hub folder, an ONNX file). ``.bin`` sets follow insightface's 10-fold protocol with Accuracy-Flip (``--no-flip``:
+hub folder, an ONNX file), also from the Hugging Face Hub: ``hf-hub:OWNER/REPO[@REVISION][/FILE]``, and ``--bins``
+take ``hf://OWNER/REPO[@REVISION]/FILE.bin`` of a dataset repository (:mod:`timmface.hub`; ``eval.json`` records
+the commit and files). ``.bin`` sets follow insightface's 10-fold protocol with Accuracy-Flip (``--no-flip``:
 timm-face's published protocol); IJB-B/C follow :mod:`timmface.evaluation.ijb`.
 """
 
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from timmface.errors import ConfigError, DataError
+from timmface.hub import Resolved, data_file, is_data_spec, is_hub_spec, parse
 
 __all__ = ["LoadedModel", "add_arguments", "bin_protocol", "default_json_path", "load_model", "run"]
 
@@ -46,14 +49,16 @@ def load_model(spec: str, *, ema: bool = True, arch: str | None = None) -> Loade
     from teachers import load_teacher, teacher_fingerprint
     from timmface.export import is_timmface_checkpoint, load_run_model
 
-    if is_timmface_checkpoint(spec):
+    if not is_hub_spec(spec) and is_timmface_checkpoint(spec):
         run = load_run_model(spec, ema=ema)
         if arch is not None and arch != run.model_config.get("backbone"):
             raise ConfigError(f"{spec}: holds a '{run.model_config.get('backbone')}' model but --arch {arch} was given")
         fingerprint = teacher_fingerprint(run.checkpoint) + ("" if run.weights == "ema" else ":model")
         return LoadedModel(run.backbone, spec, run.info(), fingerprint, run.run_dir, run.checkpoint, run.config)
     teacher = load_teacher(spec, arch=arch)
-    return LoadedModel(teacher, spec, dict(teacher.teacher_info), teacher_fingerprint(spec))
+    info = dict(teacher.teacher_info)
+    # a Hub id: fingerprint the commit it resolved to (info["source"], pinned), not whatever a branch says now
+    return LoadedModel(teacher, spec, info, teacher_fingerprint(info["source"] if is_hub_spec(spec) else spec))
 
 
 def bin_protocol(flip: bool) -> str:
@@ -62,7 +67,11 @@ def bin_protocol(flip: bool) -> str:
 
 def default_json_path(loaded: LoadedModel) -> Path:
     """Next to the model: ``RUN/eval.json``, ``FOLDER/eval.json``, or ``<file>.eval.json`` beside a file (a
-    checkpoint of a run included: an older checkpoint must not overwrite the run's own results)."""
+    checkpoint of a run included: an older checkpoint must not overwrite the run's own results). A Hub model
+    writes ``OWNER--REPO[--FILE].eval.json`` in the current folder, never into the hub cache."""
+    if is_hub_spec(loaded.spec):
+        ref = parse(loaded.spec)
+        return Path(ref.repo_id.replace("/", "--") + (f"--{Path(ref.path).stem}" if ref.path else "") + ".eval.json")
     p = Path(loaded.spec)
     if p.is_file():
         return p.with_name(p.name.rsplit(".", 1)[0] + ".eval.json")
@@ -71,25 +80,42 @@ def default_json_path(loaded: LoadedModel) -> Path:
     return p / "eval.json"
 
 
-def _run_val_sets(config: dict[str, Any] | None) -> list[Path]:
-    """The verification sets a run was evaluated on: ``data.val_sets``, else the ``*.bin`` beside its data."""
+def _run_val_sets(config: dict[str, Any] | None) -> list[str]:
+    """The verification sets a run was evaluated on: ``data.val_sets`` (``hf://`` ids pinned to their commit by
+    the trainer), else the ``*.bin`` beside its data."""
     data = (config or {}).get("data") or {}
     if data.get("val_sets"):
-        return [Path(p) for p in data["val_sets"] if Path(p).is_file()]
+        return [str(p) for p in data["val_sets"] if is_data_spec(p) or Path(p).is_file()]
     path = Path(data.get("path") or "")
-    return sorted(path.glob("*.bin")) if data.get("path") and path.is_dir() else []
+    return [str(p) for p in sorted(path.glob("*.bin"))] if data.get("path") and path.is_dir() else []
+
+
+def _resolve_bins(specs: list[str]) -> tuple[list[Path], dict[str, Resolved]]:
+    """Local ``.bin`` files for paths and ``hf://`` ids; the Hub ones' resolutions, by local path."""
+    bins, sources = [], {}
+    for spec in specs:
+        path, resolved = data_file(spec)
+        if not path.is_file():
+            raise DataError(f"{path}: verification set not found")
+        bins.append(path)
+        if resolved is not None:
+            sources[str(path)] = resolved
+    return bins, sources
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", required=True, metavar="SPEC", help="run directory, checkpoint, teacher file or folder"
+        "--model",
+        required=True,
+        metavar="SPEC",
+        help="run directory, checkpoint, teacher file or folder, or hf-hub:OWNER/REPO[@REVISION][/FILE]",
     )
     parser.add_argument(
         "--bins",
         nargs="+",
         default=[],
         metavar="FILE.bin",
-        help="verification sets (lfw.bin cfp_fp.bin agedb_30.bin ...); default: a run's own val sets",
+        help="verification sets (lfw.bin cfp_fp.bin ... or hf://OWNER/REPO[@REVISION]/lfw.bin); default: a run's own",
     )
     parser.add_argument("--ijb", metavar="DIR", help="IJB release folder holding IJBB/ and/or IJBC/")
     parser.add_argument("--ijb-set", nargs="+", default=["IJBC"], choices=["IJBB", "IJBC"], help="IJB sets (IJBC)")
@@ -117,7 +143,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["bilinear", "bicubic"],
         help="IJB alignment resampling (default: the preset's, else bilinear as insightface)",
     )
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--batch-size", type=int, default=256, help="images per forward pass (default 256; lower it if memory is short)"
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -144,13 +172,19 @@ def _ijb_protocol(args: argparse.Namespace) -> Any:
     return dataclasses.replace(proto, **changes)
 
 
-def _evaluate_bins(model: nn.Module, bins: list[Path], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+def _evaluate_bins(
+    model: nn.Module, bins: list[Path], args: argparse.Namespace, image_size: int = 112
+) -> dict[str, dict[str, Any]]:
+    """``image_size``: what the images are resized to when they differ (a run's ``data.image_size``, as its
+    in-training evaluation does; 112 for everything else)."""
     from timmface.evaluation.verification import evaluate_bin
 
     flip = not args.no_flip
     out = {}
     for path in bins:
-        r = evaluate_bin(model, path, batch_size=args.batch_size, flip=flip, amp_dtype=AMP[args.amp])
+        r = evaluate_bin(
+            model, path, batch_size=args.batch_size, flip=flip, amp_dtype=AMP[args.amp], image_size=image_size
+        )
         out[path.stem] = {
             "path": str(path),
             "accuracy": r.accuracy,
@@ -239,16 +273,14 @@ def _write_json(path: Path, results: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     from timmface.runtime import pick_device
 
-    bins = [Path(b) for b in args.bins]
-    for b in bins:
-        if not b.is_file():
-            raise DataError(f"{b}: verification set not found")
+    bins, sources = _resolve_bins(args.bins)
     loaded = load_model(args.model, ema=not args.no_ema, arch=args.arch)
     if not bins and not args.ijb:
-        bins = _run_val_sets(loaded.config)
-        if not bins:
+        specs = _run_val_sets(loaded.config)
+        if not specs:
             raise ConfigError("nothing to evaluate: give --bins FILE.bin ... and/or --ijb DIR")
-        print(f"evaluating the run's verification sets: {', '.join(str(b) for b in bins)}")
+        print(f"evaluating the run's verification sets: {', '.join(specs)}")
+        bins, sources = _resolve_bins(specs)
     device = pick_device(args.device)
     model = loaded.module.to(device).eval()
     json_path = Path(args.json) if args.json else default_json_path(loaded)
@@ -259,9 +291,14 @@ def run(args: argparse.Namespace) -> int:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
         "amp": args.amp,
-        "bins": _evaluate_bins(model, bins, args),
+        "bins": _evaluate_bins(
+            model, bins, args, int(((loaded.config or {}).get("data") or {}).get("image_size") or 112)
+        ),
         "ijb": _evaluate_ijb(model, device, args, json_path) if args.ijb else {},
     }
+    for entry in results["bins"].values():  # a Hub set is named by its pinned id, with its commit and file
+        if entry["path"] in sources:
+            entry.update(path=sources[entry["path"]].pinned, hub=sources[entry["path"]].record())
     _print_tables(results)
     _write_json(json_path, results)
     print(f"results written to {json_path}")

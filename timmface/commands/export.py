@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from timmface.errors import TimmfaceError
     from timmface.export import export_run
 
     result = export_run(
@@ -30,8 +31,12 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(f"exported {result.checkpoint} ({result.weights} weights) -> {result.folder}: {', '.join(result.files)}")
     print(f"checked: timm.create_model('local-dir:{result.folder}') reproduces it (cosine {result.reload_cosine:.6f})")
-    if result.onnx_max_diff is not None:
-        print(f"checked: model.onnx matches PyTorch under onnxruntime (max abs difference {result.onnx_max_diff:.1e})")
+    if result.onnx_check is not None:
+        print(f"checked: model.onnx matches PyTorch under onnxruntime ({result.onnx_check.describe()})")
     if result.url:
-        print(f"uploaded to {result.url}")
+        pinned = f"; this upload: hf-hub:{args.push_to_hub}@{result.commit}" if result.commit else ""
+        print(f"uploaded to {result.url}: load it with hf-hub:{args.push_to_hub}{pinned}")
+    if result.onnx_error:
+        skipped = f"; not uploaded to {args.push_to_hub}" if args.push_to_hub else ""
+        raise TimmfaceError(f"{result.onnx_error}; the timm folder {result.folder} was written without it{skipped}")
     return 0

@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 
 from timmface.data.image import check_image_size, decode_image_bytes
 from timmface.errors import CorruptRecordError, DataError
-from timmface.fileio import atomic_write
+from timmface.fileio import atomic_write, output_mode, replaceable_folder
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -366,11 +366,11 @@ class RecordIODataset(Dataset):
     def _check_offsets(self, keys: np.ndarray, offsets: np.ndarray) -> None:
         """An index that points past the end, and the first and last records' magic words."""
         worst = int(np.argmax(offsets))
-        if int(offsets[worst]) + 8 > self._size or int(offsets.min()) < 0:
-            raise DataError(
-                f"{self.idx_path}: key {int(keys[worst])} points to byte {int(offsets[worst])}, past the end of "
-                f"{self.rec_path.name} ({self._size} bytes): train.idx does not belong to this train.rec"
-            )
+        if int(offsets.min()) < 0:
+            first = int(np.argmin(offsets))
+            raise DataError(f"{self.idx_path}: key {int(keys[first])} has the negative offset {int(offsets[first])}")
+        if int(offsets[worst]) + 8 > self._size:
+            raise self._truncated(int(keys[worst]), int(offsets[worst]), int(offsets[worst]) + 8)
         for i in {int(np.argmin(offsets)), worst}:
             self._read_payload(int(keys[i]), int(offsets[i]))
 
@@ -532,10 +532,7 @@ class RecordIODataset(Dataset):
         pos = offset
         while True:
             if pos + 8 > self._size:
-                raise DataError(
-                    f"{self.rec_path}: record key {key} at byte {offset} runs past the end of the file "
-                    f"({self._size} bytes): truncated train.rec"
-                )
+                raise self._truncated(key, offset, pos + 8)
             magic, lrec = struct.unpack_from("<II", mm, pos)
             if magic != MAGIC:
                 where = "" if pos == offset else f" (continuation of the record at byte {offset})"
@@ -550,14 +547,19 @@ class RecordIODataset(Dataset):
                 )
             start = pos + 8
             if start + length > self._size:
-                raise DataError(
-                    f"{self.rec_path}: record key {key} at byte {offset} needs {start + length - offset} bytes but the "
-                    f"file ends at byte {self._size}: truncated train.rec"
-                )
+                raise self._truncated(key, offset, start + length)
             parts.append(mm[start : start + length])
             if cflag in (0, 3):
                 return parts[0] if len(parts) == 1 else _MAGIC_BYTES.join(parts)
             pos = start + ((length + 3) & ~3)
+
+    def _truncated(self, key: int, offset: int, need: int) -> DataError:
+        """A record that ends past the end of train.rec: almost always a download or copy that stopped early."""
+        return DataError(
+            f"{self.rec_path}: is {self._size} bytes but {self.idx_path.name} expects at least {need} bytes (record "
+            f"key {key} at byte {offset}): truncated download or copy? Fetch it again (if the file is complete, "
+            f"{self.idx_path.name} belongs to another train.rec)"
+        )
 
     def _unpack(self, key: int, payload: bytes) -> tuple[IRHeader, bytes]:
         try:
@@ -664,6 +666,19 @@ def _resolve_paths(path: Path) -> tuple[Path, Path, Path]:
 # ------------------------------------------------------------------------------------------------- writer
 
 
+# what a previous pack holds (train.idx.npz: the index cache older versions wrote beside the data)
+PACK_FILES = ("train.rec", "train.idx", "property")
+
+
+def check_pack_output(out_dir: str | os.PathLike, overwrite: bool, flag: str = "--overwrite") -> bool:
+    """Whether ``out_dir`` holds a previous pack that ``overwrite`` replaces; DataError (one line) for a non-empty
+    folder without ``overwrite``, or one that holds other files (a dataset's ``.bin`` sets, anything of the user's)."""
+    return replaceable_folder(
+        out_dir, overwrite, what="RecordIO pack", required=PACK_FILES[:2], allowed=(*PACK_FILES, "train.idx.npz"),
+        flag=flag, error=DataError,
+    )  # fmt: skip
+
+
 class RecordIOWriter:
     """Write an InsightFace RecordIO folder that this reader and mxnet's ``MXIndexedRecordIO`` accept.
 
@@ -697,11 +712,10 @@ class RecordIOWriter:
         self.image_size = tuple(image_size) if image_size is not None else None
         self.quality = int(quality)
         self.overwrite = overwrite
-        if self.out_dir.exists() and not overwrite and (not self.out_dir.is_dir() or any(self.out_dir.iterdir())):
-            raise DataError(f"{self.out_dir}: already exists and is not empty (pass overwrite=True to replace it)")
+        check_pack_output(self.out_dir, overwrite, flag="overwrite=True")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".tmp", dir=self.out_dir.parent))
-        os.chmod(self._tmp, 0o755)  # mkdtemp makes a private folder; the dataset is meant to be shared
+        os.chmod(self._tmp, output_mode(folder=True))  # mkdtemp makes a private folder; give it the usual mode
         self._rec = open(self._tmp / "train.rec", "wb")
         self._idx = open(self._tmp / "train.idx", "w")
         # The header's payload has a fixed size (IRHeader + 2 float32), so reserve it first and fill it in

@@ -20,6 +20,18 @@ def _resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
+def check_apart(source: str | os.PathLike, out: str | os.PathLike) -> None:
+    """DataError unless ``out`` and ``source`` are separate trees: the same folder, one inside the other, or the same
+    through a symbolic link would make writing (and ``--overwrite``'s replacing) ``out`` touch the source."""
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if src == dst:
+        raise DataError(f"{out}: is the same folder as the input {source}; choose an output folder outside it")
+    if dst.is_relative_to(src):
+        raise DataError(f"{out}: lies inside the input folder {source}; choose an output folder outside it")
+    if src.is_relative_to(dst):
+        raise DataError(f"{out}: holds the input folder {source}; choose an output folder outside it")
+
+
 def pack_image_folder(
     image_folder: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -39,11 +51,14 @@ def pack_image_folder(
     :class:`DataError`. Unreadable images are skipped with one warning that counts them. Labels
     follow :class:`~timmface.data.folder.ImageFolderDataset` (identity folders sorted by name).
 
+    ``out_dir`` must lie outside ``image_folder`` (and not hold it): replacing it would delete images being packed.
+
     Returns counts: ``images``, ``identities``, ``copied``, ``reencoded``, ``resized``, ``skipped``.
     """
     from timmface.data.folder import ImageFolderDataset
     from timmface.data.recordio import RecordIOWriter
 
+    check_apart(image_folder, out_dir)
     src = ImageFolderDataset(image_folder)
     size = (int(image_size[0]), int(image_size[1]))
     counts = {"copied": 0, "reencoded": 0, "resized": 0, "skipped": 0}

@@ -68,7 +68,7 @@ CLASSES = "classes.txt"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_SHUFFLE_BUFFER = 10_000  # samples per worker, as timm-face's `.shuffle(10_000)`
 
-__all__ = ["WebDatasetShards", "WebDatasetLoader", "expand_shards", "shards_for", "write_shards"]
+__all__ = ["WebDatasetShards", "WebDatasetLoader", "check_shard_pattern", "expand_shards", "shards_for", "write_shards"]
 
 
 # --------------------------------------------------------------------------------------------- shard list
@@ -481,6 +481,30 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+# one printf conversion: %[flags][width][.precision][length]type (Python's own grammar, '%%' aside)
+_PRINTF_FIELD = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[hlL]?([a-zA-Z%])")
+
+
+def check_shard_pattern(pattern: str) -> str:
+    """``pattern`` when it holds exactly one integer printf field (``%06d``) for the shard number, else ConfigError.
+
+    ``%%`` is printf's literal percent sign, so ``faces-%%06d.tar`` has no field at all: every shard would get the
+    same name (it is what ``--help`` texts show before argparse turns them into ``%``).
+    """
+    fields = [m.group(1) for m in _PRINTF_FIELD.finditer(pattern) if m.group(1) != "%"]
+    if len(fields) != 1 or fields[0] not in "diuoxX":
+        hint = " ('%%' is a literal percent sign)" if "%%" in pattern and not fields else ""
+        raise ConfigError(
+            f"{pattern}: the shard pattern needs exactly one integer printf field for the shard number{hint}, "
+            "e.g. out/faces-%06d.tar"
+        )
+    try:
+        pattern % 0
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{pattern}: not a usable shard pattern ({e}); e.g. out/faces-%06d.tar") from None
+    return pattern
+
+
 def write_shards(
     dataset: Any,
     out_pattern: str | os.PathLike,
@@ -500,9 +524,7 @@ def write_shards(
     counts, ``num_classes``, image size) and, for image folders, ``classes.txt`` go beside the shards.
     Shards are written to temporary names and renamed when complete.
     """
-    pattern = str(out_pattern)
-    if not re.search(r"%0?\d*d", pattern):
-        raise ConfigError(f"{pattern}: out_pattern needs one printf field for the shard number, e.g. shards-%06d.tar")
+    pattern = check_shard_pattern(str(out_pattern))
     if not callable(getattr(dataset, "read_raw", None)):
         raise ConfigError(f"{type(dataset).__name__}: write_shards needs a dataset with read_raw(i)")
     n = len(dataset)
