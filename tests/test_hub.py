@@ -32,10 +32,11 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
     return use_fake_cache(tmp_path / "hf-cache", monkeypatch)
 
 
-def timm_folder_files(model: torch.nn.Module, tmp: Path) -> dict[str, Path]:
+def timm_folder_files(model: torch.nn.Module, tmp: Path, **model_args: object) -> dict[str, Path]:
     """``config.json`` + ``model.safetensors`` as ``timm.models.save_for_hf`` writes them (what timm-face published)."""
     folder = tmp / f"save{len(list(tmp.glob('save*')))}"
-    timm.models.save_for_hf(model, str(folder), model_args={"num_classes": EMBED}, safe_serialization=True)
+    args = {"num_classes": EMBED, **model_args}
+    timm.models.save_for_hf(model, str(folder), model_args=args, safe_serialization=True)
     return {p.name: p for p in folder.iterdir()}
 
 
@@ -338,3 +339,114 @@ def test_export_push_to_hub_loads_back_in_timmface_and_plain_timm(
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), backbone(x), rtol=1e-5, atol=1e-5)
     assert students  # face_* variants need it imported before plain timm can build them
+
+
+# ------------------------------------------------------------------------------------------------ entry points (CLI)
+
+
+@pytest.fixture
+def warm(fake: FakeHub, tmp_path: Path, toy_data: Path) -> dict[str, object]:
+    """A warm cache: a timm teacher repository (a ViT at the toy data's 32 x 32) and a dataset repository
+    holding a ``.bin`` set."""
+    files = timm_folder_files(student(0, "test_vit", img_size=32), tmp_path, img_size=32)
+    commit = fake.commit(REPO, {**files, "README.md": b"# card"})
+    data_commit = fake.commit("faces/eval", {"toy_val.bin": toy_data / "toy_val.bin"}, repo_type="dataset")
+    folder = files["config.json"].parent
+    return {"commit": commit, "data_commit": data_commit, "folder": folder, "fingerprint": _fp(folder)}
+
+
+def _fp(path: Path | str) -> str:
+    return teachers.teacher_fingerprint(path)
+
+
+def test_eval_records_the_commits_of_model_and_sets(
+    warm: dict, toy_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from timmface.cli import main
+    from timmface.evaluation.verification import evaluate_bin
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--model", f"hf-hub:{REPO}", "--bins", "hf://faces/eval/toy_val.bin"]) == 0
+    res = json.loads((tmp_path / "faces--tiny-resnet.cosface.eval.json").read_text())  # not into the cache
+    hub_info = res["model_info"]["hub"]
+    assert hub_info["commit"] == warm["commit"] and hub_info["files"] == ["config.json", "model.safetensors"]
+    assert res["model_info"]["source"] == f"hf-hub:{REPO}@{warm['commit']}/model.safetensors"
+    assert res["fingerprint"] == warm["fingerprint"]
+    entry = res["bins"]["toy_val"]
+    assert entry["path"] == f"hf://faces/eval@{warm['data_commit']}/toy_val.bin"
+    assert entry["hub"]["commit"] == warm["data_commit"] and entry["hub"]["files"] == ["toy_val.bin"]
+    expected = evaluate_bin(teachers.load_teacher(warm["folder"]), toy_data / "toy_val.bin")
+    assert entry["accuracy"] == expected.accuracy and entry["threshold"] == expected.threshold
+
+
+def test_teachers_inspect_shows_the_commit_and_errors_are_one_line(
+    warm: dict, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from timmface.cli import main
+
+    monkeypatch.setenv("COLUMNS", "400")  # rich wraps the table to the terminal: keep each value on its row
+    assert main(["teachers", "inspect", f"hf-hub:{REPO}@main"]) == 0
+    out = capsys.readouterr().out
+    assert f"commit {warm['commit']}" in out and "config.json, model.safetensors" in out
+    assert warm["fingerprint"] in out
+    assert main(["teachers", "inspect", "hf-hub:faces/absent"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("timmface teachers")
+    assert f": error: hf-hub:faces/absent: {COLD}: run once with network access" in err
+
+
+def test_embed_outputs_name_the_pinned_model(warm: dict, toy_data: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from timmface.cli import main
+    from timmface.embedding.cache import EmbeddingCache
+    from timmface.embedding.files import read_embeddings
+
+    pinned = f"hf-hub:{REPO}@{warm['commit']}/model.safetensors"
+    args = ["--data", str(toy_data), "--workers", "0", "--no-progress"]
+    assert main(["embed", "--model", f"hf-hub:{REPO}", "--out", str(tmp_path / "hub.safetensors"), *args]) == 0
+    assert main(["embed", "--model", str(warm["folder"]), "--out", str(tmp_path / "local.safetensors"), *args]) == 0
+    with safe_open(str(tmp_path / "hub.safetensors"), "np") as f:
+        meta = f.metadata()
+    assert meta["model"] == pinned and meta["model_fingerprint"] == warm["fingerprint"]
+    from_hub, from_folder = (read_embeddings(tmp_path / f"{name}.safetensors")[1] for name in ("hub", "local"))
+    assert (from_hub == from_folder).all()
+
+    assert main(["embed", "--model", f"hf-hub:{REPO}", "--cache", "--out", str(tmp_path / "t.tfemb"), *args]) == 0
+    with EmbeddingCache.open(tmp_path / "t.tfemb") as cache:
+        # the same fingerprint as the local copy: a cache built from the Hub serves a run using the folder
+        assert cache.teacher_fingerprint == warm["fingerprint"] and cache.meta["teacher"]["path"] == pinned
+
+
+@pytest.mark.slow
+def test_distill_records_pinned_ids_and_a_resume_keeps_them(
+    warm: dict, fake: FakeHub, toy_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import yaml
+
+    from tests.conftest import tiny_run_args
+    from timmface.cli import main
+    from timmface.metrics import read_metrics
+
+    out = tmp_path / "run"
+    args = tiny_run_args(toy_data, out, "data.val_sets=[hf://faces/eval/toy_val.bin]", "total_steps=3")
+    assert main(["distill", "--teacher", f"hf-hub:{REPO}", *args]) == 0
+    pinned = f"hf-hub:{REPO}@{warm['commit']}/model.safetensors"
+    pinned_bin = f"hf://faces/eval@{warm['data_commit']}/toy_val.bin"
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["distill"]["teacher"] == pinned and saved["data"]["val_sets"] == [pinned_bin]
+    assert f"hf-hub:{REPO} -> {pinned}" in capsys.readouterr().out
+    assert any("acc/toy_val" in r for r in read_metrics(out))  # the Hub set was evaluated
+
+    # main moves on; resuming the run with the same command keeps the teacher it started with
+    new = fake.commit(REPO, timm_folder_files(student(9, "test_vit", img_size=32), tmp_path, img_size=32))
+    assert new != warm["commit"]
+    assert main(["distill", "--teacher", f"hf-hub:{REPO}", *args, "total_steps=6", "resume=auto"]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["distill"]["teacher"] == pinned
+    printed = capsys.readouterr().out
+    assert f"hf-hub:{REPO} -> {pinned}" in printed and "distill.teacher" not in printed  # not a changed setting
+    ckpt = torch.load(sorted((out / "checkpoints").glob("step_*.pt"))[-1], weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["config"]["distill"]["teacher"] == pinned

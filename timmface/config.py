@@ -19,6 +19,7 @@ from typing import Any, Union
 import yaml
 
 from timmface.errors import ConfigError
+from timmface.fileio import atomic_write
 
 # --------------------------------------------------------------------------------------------------
 # The schema
@@ -56,7 +57,9 @@ class LossConfig:
 class HeadConfig:
     partial_fc: float = 0.0
     """Partial FC: 0 = all class centres every step; 0 < x < 1 = sample this fraction of the
-    classes; x >= 1 = sample this many classes. The batch's own classes are always kept."""
+    classes; x >= 2 = sample this many classes (a whole number, at least the micro-batch a head sees).
+    The batch's own classes are always kept. Exactly 1 is refused: as a count it would be one class,
+    while arcface_torch's ``sample_rate=1.0`` means all of them (here ``0``)."""
     sharded: bool = False
     """Split the class centres across DDP ranks (each holds C / world_size), as PartialFC_V2."""
     init_std: float = 0.01
@@ -82,7 +85,8 @@ class DemoConfig:
     difficulty: float = 1.0
     seed: int = 0
     cache_dir: str = ""
-    """Where the demo data is written; empty = ``$TIMMFACE_CACHE`` or ``~/.cache/timmface``."""
+    """Where the demo data is written (in ``demo/``); empty = timmface's cache folder: ``$TIMMFACE_CACHE``, else
+    ``$XDG_CACHE_HOME/timmface``, else ``~/.cache/timmface`` (:mod:`timmface.cache`)."""
 
 
 @dataclass
@@ -99,7 +103,8 @@ class DataConfig:
     augmentations: list[dict[str, Any]] = field(default_factory=list)
     """torchvision.transforms.v2 augmentations by name, e.g. ``{name: ColorJitter, args: [0.1, 0.1, 0.1, 0.1]}``."""
     val_sets: list[str] = field(default_factory=list)
-    """``.bin`` verification files; empty = every ``*.bin`` in ``path``."""
+    """``.bin`` verification files (or ``hf://OWNER/REPO[@REVISION]/FILE.bin`` of a dataset repository, recorded
+    pinned to its commit); empty = every ``*.bin`` in ``path``."""
     image_size: int = 112
     """Training images are this size; others are resized (bilinear, antialiased) in the workers."""
     max_bad_fraction: float = 0.001
@@ -107,9 +112,12 @@ class DataConfig:
     to decode; 0 = stop at the first one."""
     prefetch_factor: int = 4
     decode: str = "cpu"
-    """cpu | gpu: where JPEGs are decoded. ``gpu`` (needs CUDA): workers only read and ship the bytes; the
-    main process decodes each batch with nvJPEG and runs the augmentations on the GPU, per sample under the
-    same seeds (pixels differ from CPU decoding by a few levels); see ``timmface/data/gpu_decode.py``."""
+    """cpu | gpu | auto: where JPEGs are decoded. ``gpu`` (needs CUDA): workers only read and ship the bytes; a
+    thread of the main process decodes each batch with one batched nvJPEG call, resizes on the GPU, and the
+    augmentations run on the GPU per sample under the same seeds (pixels differ from CPU decoding by nvJPEG's
+    chroma upsampling: a few levels on colourful fine detail, ~1 on faces); ``auto``: on CUDA, time both
+    decoders over a few batches, keep the faster and say which (on a CPU: cpu). See
+    ``timmface/data/gpu_decode.py``."""
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
@@ -129,6 +137,11 @@ class OptimConfig:
     """0 = no clipping."""
     grad_accum: int = 1
     """Micro-batches per optimiser step; batch_size stays the global batch per step."""
+    resume_schedule: str = "continue"
+    """A resumed run whose total_steps differs from its checkpoint's: ``continue`` = the rest of the
+    learning-rate schedule is stretched (or squeezed) to end at the new total_steps, from the rate the run
+    has now (no jump; a finished run extended stays at the final rate); ``recompute`` = the schedule of a
+    run that always had the new total_steps (the rate jumps to that schedule's value)."""
 
 
 @dataclass
@@ -144,11 +157,14 @@ class EMAConfig:
 @dataclass
 class DistillConfig:
     teacher: str = ""
-    """A teacher checkpoint, run directory, timm hub folder or ONNX file (``--teacher``)."""
+    """A teacher checkpoint, run directory, timm hub folder or ONNX file (``--teacher``), or a Hub id
+    ``hf-hub:OWNER/REPO[@REVISION][/FILE]`` (recorded pinned to its commit, :mod:`timmface.hub`)."""
     teacher_arch: str = ""
     """Override architecture auto-detection (e.g. ``iresnet100``)."""
     teacher_dtype: str = "bfloat16"
-    teacher_compile: bool = False
+    teacher_compile: bool | str = "auto"
+    """auto | true | false: ``torch.compile`` the online teacher. ``auto``: on CUDA (the frozen forward is a
+    large share of a step there), not on a CPU (compiling costs about a minute and gains nothing)."""
     cache: str = ""
     """A teacher-embedding cache written by ``timmface embed``; empty = run the teacher online."""
     feature_weight: float = 1.0
@@ -158,13 +174,39 @@ class DistillConfig:
     """Learn a linear map student -> teacher dims when they differ (dropped at export)."""
     relation_weight: float = 0.0
     relation_loss: str = "mse"
-    """mse | kl, over in-batch pairwise similarity matrices."""
+    """mse | kl, over the rows of pairwise cosine similarities: in the batch (``s_i . s_j`` against
+    ``t_i . t_j``), or against the teacher memory (``distill.memory_size``: ``s_i . m_j`` against ``t_i . m_j``)."""
     relation_temperature: float = 0.1
     relation_gather: bool = False
-    """Under DDP, build the similarity matrices over embeddings gathered from every rank."""
+    """Under DDP, in-batch relations (and EKD) span the embeddings gathered from every rank."""
+    memory_size: int = 0
+    """A FIFO of the last K teacher embeddings and labels (every rank's, saved with the run) that the relation
+    terms and EKD compare each student embedding with instead of the batch; 0 = off. At least batch_size."""
+    ekd_weight: float = 0.0
+    """Evaluation-oriented KD (Huang et al., CVPR 2022; TFace): a rank loss on all positive pairs and the
+    student's hardest negatives at each model's own thresholds for FPR 1e-1..1e-6; 1.0 = TFace's weighting
+    (0.02 x positives + 0.01 x negatives). Pairs are in-batch, or against the memory (which brings positives)."""
+    ekd_temperature: float = 0.01
+    """EKD's sigmoid temperature (TFace: 0.01)."""
+    ekd_topk: int = 2000
+    """EKD: how many of the student's most similar negative pairs count (TFace: 2000)."""
+    logit_weight: float = 0.0
+    """Logit KD: Hinton's KL between the teacher's and the student's softmax over the class centres (the ones
+    Partial FC samples), on logits ``loss.s * cos`` without margin; the teacher's against its own class centres
+    (per-identity mean embeddings, computed once into the run folder)."""
+    logit_temperature: float = 4.0
+    """Logit KD's temperature T (the loss is multiplied by T^2)."""
     centres: str = "off"
-    """Teacher class centres for the margin head: off | init | frozen | ema."""
+    """The margin head's class centres: off | init (start from the teacher's per-identity mean embeddings) |
+    frozen (those, never trained) | ema (those, moved after each step by normalise(m w + (1 - m) mean teacher
+    embedding of the class in the batch), m = centres_momentum; not AdaDistill) | adadistill (AdaDistill,
+    ECCV 2024: before the logits, each sample's centre w <- a w + (1 - a) t, a = clamp(cos(s, t) clamp(cos(w, t),
+    1e-6, 1), 1e-6, 1), samples of one class in batch order; the centres stay trainable)."""
+    centres_init: str = "random"
+    """Where distill.centres=adadistill starts: random (the head's N(0, head.init_std), the reference) | teacher
+    (the teacher's per-identity means). init, frozen and ema always start from the teacher."""
     centres_momentum: float = 0.99
+    """distill.centres=ema: the momentum m."""
     margin_weight: float = 1.0
     """Weight of the margin loss itself."""
 
@@ -196,8 +238,9 @@ class Config:
     """A checkpoint path, a run directory, or ``auto`` (latest in output_dir, else start fresh)."""
     overwrite: bool = False
     """Allow starting a fresh run in an output_dir that already holds checkpoints."""
-    amp: str = "bfloat16"
-    """bfloat16 | float16 | none."""
+    amp: str = "auto"
+    """auto | bfloat16 | float16 | none. ``auto``: bf16 on CUDA (float16 on GPUs without native bf16);
+    on a CPU bf16 only with bf16 matrix units (AMX-BF16, AVX512-BF16), else fp32 (see timmface/amp.py)."""
     compile: bool = False
     """torch.compile the student backbone (before DDP wraps it)."""
     compile_fullgraph: bool = True
@@ -209,6 +252,9 @@ class Config:
     eval_batch_size: int = 256
     eval_flip: bool = True
     """Accuracy-Flip (insightface): sum embeddings of the image and its mirror."""
+    eval_amp: str = "none"
+    """Autocast of the in-training evaluation: none (fp32, as ``timmface eval`` and insightface) | bfloat16 |
+    float16. Independent of ``amp``, so a logged accuracy is what ``timmface eval`` gives its checkpoint."""
     nonfinite: str = "skip"
     """What to do with a non-finite loss: skip (the step, up to max_nonfinite) | stop."""
     max_nonfinite: int = 10
@@ -230,12 +276,15 @@ FREE_FORM = {"model.kwargs"}
 CHOICES: dict[str, tuple[str, ...]] = {
     "loss.name": ("cosface", "arcface", "adaface"),
     "optim.name": ("adamw", "sgd", "lamb"),
-    "amp": ("bfloat16", "float16", "none"),
+    "amp": ("auto", "bfloat16", "float16", "none"),
+    "eval_amp": ("none", "bfloat16", "float16"),
+    "optim.resume_schedule": ("continue", "recompute"),
     "data.format": ("auto", "recordio", "folder", "wds"),
-    "data.decode": ("cpu", "gpu"),
+    "data.decode": ("cpu", "gpu", "auto"),
     "distill.feature_loss": ("cosine", "mse"),
     "distill.relation_loss": ("mse", "kl"),
-    "distill.centres": ("off", "init", "frozen", "ema"),
+    "distill.centres": ("off", "init", "frozen", "ema", "adadistill"),
+    "distill.centres_init": ("random", "teacher"),
     "distill.teacher_dtype": ("float32", "bfloat16", "float16"),
     "nonfinite": ("skip", "stop"),
     "log.progress": ("auto", "rich", "plain", "off"),
@@ -482,6 +531,12 @@ def config_from_dict(data: dict[str, Any], source: str = "") -> Config:
     return cfg
 
 
+_PARTIAL_FC_ONE = (
+    "head.partial_fc=1 is read as a count: one class centre per step (just the batch's own classes); "
+    "for all classes, as arcface_torch's sample_rate=1.0, give head.partial_fc=0"
+)
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that the type system cannot express."""
     if cfg.optim.grad_accum < 1:  # before the list: its divisibility check would divide by zero (found by fuzzing)
@@ -493,12 +548,62 @@ def validate(cfg: Config) -> None:
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.warmup >= 0, "optim.warmup must be >= 0"),
         (cfg.head.partial_fc >= 0, "head.partial_fc must be >= 0"),
+        (cfg.head.partial_fc != 1, _PARTIAL_FC_ONE),
+        (
+            cfg.head.partial_fc < 1 or float(cfg.head.partial_fc).is_integer(),
+            f"head.partial_fc={cfg.head.partial_fc:g}: a count of class centres must be a whole number "
+            "(or give a fraction below 1)",
+        ),
         (0 <= cfg.ema.decay < 1, "ema.decay must be in [0, 1)"),
         (cfg.ema.every >= 1, "ema.every must be >= 1"),
         (cfg.keep_last >= 1, "keep_last must be >= 1"),
         (cfg.eval_every >= 0 and cfg.save_every >= 0, "eval_every and save_every must be >= 0"),
         (bool(cfg.model.backbone), "model.backbone must name a timm model"),
         (0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction must be in [0, 1]"),
+        (
+            cfg.distill.teacher_compile in (True, False, "auto"),
+            f"config key 'distill.teacher_compile': '{cfg.distill.teacher_compile}' is not one of auto, true, false",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    _validate_distill(cfg)
+
+
+def _validate_distill(cfg: Config) -> None:
+    """Distillation settings that contradict each other (those needing the teacher's size: the trainer)."""
+    dc = cfg.distill
+    weights = ("feature_weight", "relation_weight", "ekd_weight", "logit_weight", "margin_weight")
+    negative = next((w for w in weights if getattr(dc, w) < 0), None)
+    relation = dc.relation_weight > 0 or dc.ekd_weight > 0
+    checks = [
+        (negative is None, f"distill.{negative} must be >= 0"),
+        (dc.memory_size >= 0, "distill.memory_size must be >= 0 (0 = no teacher memory)"),
+        (
+            dc.memory_size == 0 or relation,
+            "distill.memory_size feeds the relation terms: set distill.relation_weight or distill.ekd_weight, or "
+            "distill.memory_size=0",
+        ),
+        (
+            dc.memory_size == 0 or dc.memory_size >= cfg.batch_size,
+            f"distill.memory_size={dc.memory_size} must hold at least one global batch (batch_size={cfg.batch_size})",
+        ),
+        (
+            dc.memory_size == 0 or not dc.relation_gather,
+            "distill.relation_gather has no effect with distill.memory_size: the memory already holds every rank's "
+            "teacher embeddings; remove one",
+        ),
+        (
+            dc.centres_init == "random" or dc.centres == "adadistill",
+            f"distill.centres_init=teacher applies to distill.centres=adadistill (centres={dc.centres}: "
+            "init, frozen and ema always start from the teacher)",
+        ),
+        (dc.relation_temperature > 0, "distill.relation_temperature must be > 0"),
+        (dc.logit_temperature > 0, "distill.logit_temperature must be > 0"),
+        (dc.ekd_temperature > 0, "distill.ekd_temperature must be > 0"),
+        (dc.ekd_topk >= 1, "distill.ekd_topk must be >= 1"),
+        (0 <= dc.centres_momentum < 1, "distill.centres_momentum must be in [0, 1)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -512,9 +617,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 def save_config(cfg: Config, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    with atomic_write(path, hidden=True) as f:
+        f.write(yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
 
 
 def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

@@ -57,6 +57,7 @@ __all__ = [
     "pin",
     "resolve_data_file",
     "resolve_model",
+    "resumed_pin",
     "timm_weights_name",
 ]
 
@@ -213,6 +214,26 @@ def pin(spec: str) -> str:
     if is_data_spec(spec):
         return resolve_data_file(spec).pinned
     return spec
+
+
+def resumed_pin(spec: str, recorded: Iterable[str]) -> str | None:
+    """The commit-pinned spec among ``recorded`` (a resumed run's config) that ``spec`` resolved to when the run
+    started: same repository, and the same file or folder when ``spec`` names one. ``None`` when there is none or
+    ``spec`` is itself pinned to a commit (then it is what the user asks for)."""
+    if not is_hub_spec(spec):
+        return None
+    a = parse(spec)
+    if a.revision and _COMMIT.match(a.revision):
+        return None
+    for other in recorded:
+        if not is_hub_spec(other):
+            continue
+        b = parse(other)
+        same_place = not a.path or b.path == a.path or b.path.startswith(a.path + "/")
+        if (a.repo_id, a.repo_type) == (b.repo_id, b.repo_type) and b.revision and _COMMIT.match(b.revision):
+            if same_place:
+                return other
+    return None
 
 
 def data_file(value: str | os.PathLike[str]) -> tuple[Path, Resolved | None]:

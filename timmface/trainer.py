@@ -17,8 +17,8 @@ import shutil
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from timmface import distributed as tdist
+from timmface.amp import AMP_DTYPES as AMP_DTYPES  # re-exported: the names amp= takes
+from timmface.amp import resolve_amp
 from timmface.checkpoint import (
     checkpoint_path,
     checkpoint_shards,
@@ -50,24 +52,55 @@ from timmface.evaluation.verification import embed_uint8, verification_metrics
 from timmface.faults import fault
 from timmface.losses import AdaFace, build_loss
 from timmface.metrics import MetricsWriter, Progress
-from timmface.model import FaceModel, MarginHead
+from timmface.model import FaceModel, MarginHead, head_extra_loss
 from timmface.optim import build_optimizer, cosine_lr, set_lr, warmup_steps
 from timmface.partial_fc import ShardedMarginHead, clip_grad_norm_sharded, scale_grad
 from timmface.runtime import compile_module, pick_device, rng_state, seed_everything, set_rng_state
+from timmface.stopping import Interrupted, StopRequest
+from timmface.sync_free import NonfiniteFlags, StepMeter, can_skip_on_device, step_unless
 
-AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "none": None}
 MODEL_KEYS = ("model.backbone", "model.kwargs", "model.embed_dim")
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _no_tf32_matmul(device: torch.device) -> Iterator[None]:
+    """CUDA matrix products in full fp32 inside the block (training turns TF32 on for speed)."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _val_name(path: str | Path) -> str:
     return Path(path).stem
 
 
+def _recorded_hub_ids(cfg: Config) -> list[str]:
+    """The teacher and val sets the run in ``cfg.output_dir`` recorded in its ``config.yaml`` (pinned Hub ids)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((Path(cfg.output_dir) / "config.yaml").read_text(encoding="utf-8"))
+        return [str(saved["distill"]["teacher"]), *(str(v) for v in saved["data"]["val_sets"] or [])]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):  # no or odd config.yaml: resolve afresh
+        return []
+
+
 def demo_data_path(demo: DemoConfig) -> str:
     """The folder of the built-in demo dataset for these settings, generated (once, cached) if missing."""
+    from timmface.cache import cache_root
     from timmface.data.demo import load_or_generate_demo
 
-    cache = demo.cache_dir or os.environ.get("TIMMFACE_CACHE") or str(Path.home() / ".cache" / "timmface")
+    cache = demo.cache_dir or str(cache_root())
     params = dict(
         num_identities=demo.num_identities,
         images_per_identity=demo.images_per_identity,
@@ -82,7 +115,22 @@ def demo_data_path(demo: DemoConfig) -> str:
 class Trainer:
     """Builds everything a run needs from a :class:`~timmface.config.Config` and trains it."""
 
+    uses_teacher = False
+    """Whether ``distill.teacher`` is loaded (distillation); its Hub id is then pinned with the val sets."""
+    SYNC_FREE: bool | None = None
+    """Steps that read nothing back from the device (:mod:`timmface.sync_free`); ``None``: on CUDA (where the
+    optimiser can skip a step on the device and amp is not float16). Tests set it to run that path on a CPU."""
+    FUSED_OPTIMIZER: bool | None = None
+    """torch's fused AdamW / SGD; ``None``: on CUDA (one kernel launch for all parameters, and the on-device skip
+    the sync-free step needs). On a CPU the foreach kernels stay, whose results the CPU tests pin down."""
+
     def __init__(self, cfg: Config) -> None:
+        if not self.uses_teacher and (cfg.distill.teacher or cfg.distill.cache):
+            key = "distill.teacher" if cfg.distill.teacher else "distill.cache"
+            raise ConfigError(
+                f"{key} is set, but `timmface train` trains without a teacher; run `timmface distill` with the same "
+                "config to distil (or remove the setting)"
+            )
         self.cfg = cfg
         self.step = 0
         self.counters = {"nonfinite": 0, "bad_records": 0, "seen_records": 0}
@@ -117,13 +165,48 @@ class Trainer:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(cfg.seed + self.world.rank)
-        self.amp_dtype = AMP_DTYPES[cfg.amp]
+        self.amp_dtype, self.amp_reason = resolve_amp(cfg.amp, self.device)
         if self.amp_dtype is torch.float16 and self.device.type == "cpu":
             warnings.warn("amp=float16 on CPU is slow and rarely useful; consider amp=bfloat16", stacklevel=2)
 
+    def _pin_hub_ids(self) -> None:
+        """Resolve the Hub ids of the config (``hf://`` val sets; the teacher when distilling) once, on rank 0
+        (which downloads), and keep them pinned to their commit and file (:mod:`timmface.hub`): ``config.yaml``
+        and every checkpoint then name exactly these bytes, and a resume uses them again."""
+        from timmface import hub
+
+        cfg = self.cfg
+        given = [cfg.distill.teacher if self.uses_teacher else "", *cfg.data.val_sets]
+        if not any(hub.is_hub_spec(s) for s in given):
+            return
+        outcome: object = None
+        if self.is_main:
+            # a resumed run keeps the commits it started with, even if a branch has moved since
+            recorded = _recorded_hub_ids(cfg) if cfg.resume == "auto" and list_checkpoints(cfg.output_dir) else []
+            try:
+                outcome = [hub.pin(hub.resumed_pin(s, recorded) or s) for s in given]
+            except TimmfaceError as e:  # every rank stops with the same line
+                outcome = e
+        outcome = tdist.broadcast_object(outcome)
+        if isinstance(outcome, TimmfaceError):
+            raise outcome
+        pinned: list[str] = outcome  # type: ignore[assignment]
+        for old, new in zip(given, pinned):
+            if new != old and self.is_main:
+                print(f"{old} -> {new}", flush=True)
+        distill = replace(cfg.distill, teacher=pinned[0]) if self.uses_teacher else cfg.distill
+        self.cfg = replace(cfg, data=replace(cfg.data, val_sets=pinned[1:]), distill=distill)
+
     def _setup_output(self) -> None:
+        self._pin_hub_ids()
         cfg = self.cfg
         self.output_dir = Path(cfg.output_dir)
+        # on every rank, before anything is written: an existing file where the folder (or a parent) should be
+        blocker = next((p for p in (self.output_dir, *self.output_dir.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise ConfigError(
+                f"output_dir={cfg.output_dir}: {blocker} is a file, not a folder; choose another output_dir"
+            )
         existing = list_checkpoints(self.output_dir)
         resuming = cfg.resume == "auto" and existing or (cfg.resume and cfg.resume != "auto")
         if existing and not resuming:
@@ -137,7 +220,10 @@ class Trainer:
                 (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
         tdist.barrier()
         if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # no permission, a read-only file system
+                raise ConfigError(f"output_dir={cfg.output_dir}: cannot create the folder ({e.strerror})") from None
             save_config(cfg, self.output_dir / "config.yaml")
 
     def _setup_data(self) -> None:
@@ -172,7 +258,9 @@ class Trainer:
         )
         self.to_device = DeviceNormalizer(self.device, cfg.model.channels_last)
         if cfg.data.val_sets:
-            self.val_sets = [Path(p) for p in cfg.data.val_sets]
+            from timmface.hub import data_file
+
+            self.val_sets = [data_file(p)[0] for p in cfg.data.val_sets]  # hf://: its file in the hub cache
             missing = [str(p) for p in self.val_sets if not p.is_file()]
             if missing:
                 raise DataError(f"{missing[0]}: verification set not found (data.val_sets)")
@@ -197,10 +285,28 @@ class Trainer:
             loss.sync_stats = self.world.distributed
         return loss
 
+    def _check_partial_fc(self) -> None:
+        """A Partial FC count must hold the classes of the labels one head samples for, or it samples nothing."""
+        cfg = self.cfg
+        count = cfg.head.partial_fc
+        if count < 1:
+            return
+        micro = cfg.batch_size // cfg.optim.grad_accum  # the global micro-batch: what a sharded head sees
+        ranks = 1 if cfg.head.sharded else self.world.world_size
+        seen = micro // ranks
+        if int(count) < min(seen, self.num_classes):
+            where = "all ranks' labels" if cfg.head.sharded else f"one of {ranks} rank(s)"
+            raise ConfigError(
+                f"head.partial_fc={count:g}: {int(count)} sampled class centres cannot hold the up to {seen} classes "
+                f"of a micro-batch ({where}, batch_size {cfg.batch_size}, grad_accum {cfg.optim.grad_accum}); give "
+                f"a count of at least {min(seen, self.num_classes)}, or a fraction below 1"
+            )
+
     def _setup_model(self) -> None:
         from students import create_student
 
         cfg = self.cfg
+        self._check_partial_fc()
         backbone = create_student(
             cfg.model.backbone, embed_dim=cfg.model.embed_dim, pretrained=cfg.model.pretrained, **cfg.model.kwargs
         )
@@ -262,12 +368,22 @@ class Trainer:
     def _setup_optim(self) -> None:
         cfg = self.cfg
         params = [p for p in self._trainable_parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(params, cfg.optim)
+        fused = self.device.type == "cuda" if self.FUSED_OPTIMIZER is None else self.FUSED_OPTIMIZER
+        self.optimizer = build_optimizer(params, cfg.optim, fused=fused)
         head = self.margin_head
         # where the class centres' state sits in optimizer.state_dict()["state"] (None: frozen centres)
         self.head_optim_index = next((i for i, p in enumerate(params) if head is not None and p is head.weight), None)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
-        self.warmup = warmup_steps(cfg.optim.warmup, cfg.total_steps)
+        # steps that never wait for the device (timmface/sync_free.py): on CUDA, with an optimiser that skips on
+        # the device; amp=float16 keeps GradScaler's own per-step handling
+        wanted = self.device.type == "cuda" if self.SYNC_FREE is None else self.SYNC_FREE
+        self.sync_free = bool(wanted and can_skip_on_device(self.optimizer) and not self.scaler.is_enabled())
+        self._nonfinite_flags = NonfiniteFlags()
+        # the learning-rate schedule as a map from steps to positions in a cosine schedule of base_total steps:
+        # the identity until a resume changes total_steps (see lr_at, _extend_schedule)
+        self.schedule: dict[str, float] = {
+            "base_total": cfg.total_steps, "step": 0, "position": 0.0, "total_steps": cfg.total_steps,
+        }  # fmt: skip
 
     def _setup_logging(self) -> None:
         cfg = self.cfg
@@ -315,6 +431,7 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "rng": rng_state(self.device),
             "counters": {**self.counters, "elapsed_s": self.elapsed()},
+            "schedule": dict(self.schedule),  # how steps map onto the cosine (a resume may have changed it)
             "first_bad": list(self.first_bad) if self.first_bad is not None else None,  # named by a later stop
             "metrics": dict(self.last_eval),
         }
@@ -333,6 +450,17 @@ class Trainer:
             }
         return state
 
+    def _sync_running_stats(self) -> None:
+        """One set of BatchNorm statistics on every rank, the mean over ranks (live backbone and EMA), before an
+        evaluation or a checkpoint: the accuracy logged at a step is then that of the model its checkpoint holds.
+        Once per step; a no-op for a single process. The statistics do not enter the training forward (BatchNorm
+        uses the batch's own there), so losses and resumes are unchanged."""
+        if getattr(self, "_stats_synced_at", None) == self.step:
+            return
+        self._stats_synced_at = self.step
+        modules = [self.model.backbone, *([self.ema.module] if self.ema is not None else [])]
+        tdist.average_running_stats_(*modules)
+
     def save(self) -> Path:
         """Every rank writes its rank file (multi-rank or sharded runs), then rank 0 the main file.
 
@@ -340,6 +468,8 @@ class Trainer:
         agree on success with one all-reduce instead of the others waiting ``dist_timeout`` at a barrier.
         The previous checkpoint stays the newest complete one.
         """
+        self._nonfinite_flags.resolve(self._nonfinite)  # the counters it saves include every step it holds
+        self._sync_running_stats()
         world, rank = self.world.world_size, self.world.rank
         rank_files = world if world > 1 or self.sharded_head is not None else 0
 
@@ -418,10 +548,16 @@ class Trainer:
         if ckpt.get("first_bad"):
             self.first_bad = (ckpt["first_bad"][0], str(ckpt["first_bad"][1]))
         self.last_eval = dict(ckpt.get("metrics") or {})
+        self._load_extra_state(ckpt)
         self.step = int(ckpt["step"])
         self.last_checkpoint = path
         if self.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
+        saved_total = int((ckpt.get("config") or {}).get("total_steps") or self.cfg.total_steps)
+        self._extend_schedule(ckpt.get("schedule"), saved_total)
+
+    def _load_extra_state(self, ckpt: dict[str, Any]) -> None:
+        """Restore what a subclass added to :meth:`state_dict` (e.g. distillation's teacher memory)."""
 
     def _load_head(self, path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
         """Load the class centres from a checkpoint of any layout (full or sharded, any world size);
@@ -486,9 +622,10 @@ class Trainer:
             # DDP averages the backbone's gradients over ranks, but the sharded loss is already the
             # mean over the global batch: scale its embedding gradient by W to undo the averaging
             embeddings = scale_grad(out["embeddings"], float(self.world.world_size))
-            margin = self.sharded_head(embeddings, labels)["margin"]
-            out["margin"] = margin
-            out["loss"] = out["loss"] + self.model.margin_weight * margin
+            head_out = self.sharded_head(embeddings, labels, targets.get("teacher"))
+            out.update({k: v for k, v in head_out.items() if k != "norms"})  # margin, distillation terms
+            extra = head_extra_loss(self.sharded_head, head_out)
+            out["loss"] = out["loss"] + self.model.margin_weight * head_out["margin"] + extra
         return out
 
     def _micro_step(self, batch: Batch, sync: bool, scale: float) -> dict[str, Tensor]:
@@ -504,8 +641,9 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimiser step over ``grad_accum`` micro-batches; returns the logged values."""
         cfg = self.cfg
-        lr = cosine_lr(self.step, cfg.optim.lr, cfg.total_steps, self.warmup, cfg.optim.final_lr_mult)
+        lr = self.lr_at(self.step)
         set_lr(self.optimizer, lr)
+        loss_state = self._loss_state()
         accum = cfg.optim.grad_accum
         sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         norms = []
@@ -528,9 +666,10 @@ class Trainer:
         logged = torch.stack([*(sums[k] for k in keys), norm_all.sum(), norm_all.new_tensor(norm_all.numel())])
         tdist.all_reduce_sum_(logged)
         logged[: len(keys)] /= self.world.world_size
-        finite = bool(torch.isfinite(logged[keys.index("loss")]).item())
-        if not finite:
+        skip = ~torch.isfinite(logged[keys.index("loss")])
+        if not self.sync_free and bool(skip.item()):
             self.optimizer.zero_grad(set_to_none=True)
+            self._restore_loss_state(loss_state)
             self._nonfinite()
             return {"lr": lr, "loss": float("nan"), "skipped": 1.0}
 
@@ -544,6 +683,8 @@ class Trainer:
             grad_norm = clip_grad_norm_sharded(
                 self.model.parameters(), self.sharded_head.parameters(), max_norm, self.sharded_head.group
             )
+        if self.sync_free:
+            return self._finish_step_on_device(skip, loss_state, keys, logged, grad_norm, lr, n_images)
         # (float16: GradScaler skips a step on the ranks that saw an inf. The backbone's gradients are
         # all-reduced, so all see the same; the centres' float32 gradients of a finite loss stay finite.)
         self.scaler.step(self.optimizer)
@@ -554,16 +695,120 @@ class Trainer:
         values.update(lr=lr, grad_norm=grad_norm, norm_mean=logged[-2] / logged[-1], images=float(n_images))
         return values
 
-    def _nonfinite(self) -> None:
+    def _finish_step_on_device(
+        self,
+        skip: Tensor,
+        loss_state: list[tuple[Tensor, Tensor]],
+        keys: list[str],
+        logged: Tensor,
+        grad_norm: Tensor,
+        lr: float,
+        n_images: int,
+    ) -> dict[str, Any]:
+        """The end of a sync-free step (:mod:`timmface.sync_free`): the update, skipped on the device when the
+        loss was non-finite (``skip``, the same on every rank after the all-reduce); the loss statistics put
+        back; the flag kept for the next read. The values are those of the per-step check: a skipped step
+        logs a NaN loss and ``skipped`` 1, and adds nothing to the other means or to the images counted."""
+        step_unless(self.optimizer, skip)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._restore_loss_state(loss_state, where=skip)
+        self._nonfinite_flags.add(self.step + 1, skip)
+        zero = logged.new_zeros(())
+        values: dict[str, Any] = {k: torch.where(skip, zero, v) for k, v in zip(keys, logged[: len(keys)])}
+        values["loss"] = torch.where(skip, zero + math.nan, logged[keys.index("loss")])
+        values.update(
+            lr=lr,
+            grad_norm=torch.where(skip, zero, grad_norm.float()),
+            norm_mean=torch.where(skip, zero, logged[-2] / logged[-1]),
+            images=torch.where(skip, zero, zero + n_images),
+            skipped=skip.float(),
+        )
+        return values
+
+    def _catch_up(self) -> None:
+        """Where the host reads device values anyway (a log line, an evaluation, a checkpoint): count, warn about
+        or stop on the non-finite steps flagged since the last time (sync-free steps), and let the device finish
+        its queue, so that the log window's time includes the device's work."""
+        self._nonfinite_flags.resolve(self._nonfinite)
+        if self.sync_free and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate for step ``step + 1``: warm-up then cosine (:func:`cosine_lr`) over ``base_total``
+        steps, reached through the map a resume with another ``total_steps`` set up (the identity otherwise):
+        from ``step`` on, positions ``position .. base_total`` are spread evenly over ``step .. total_steps``."""
+        cfg, base = self.cfg, int(self.schedule["base_total"])
+        warmup = warmup_steps(cfg.optim.warmup, base)
+        return cosine_lr(self._position(step), cfg.optim.lr, base, warmup, cfg.optim.final_lr_mult)
+
+    def _extend_schedule(self, saved: dict[str, float] | None, saved_total: int) -> None:
+        """A resume whose ``total_steps`` differs from the checkpoint's: map the schedule as
+        ``optim.resume_schedule`` says, and say in one line what happens to the learning rate."""
+        cfg = self.cfg
+        self.schedule = dict(saved) if saved else {
+            "base_total": saved_total, "step": 0, "position": 0.0, "total_steps": saved_total,
+        }  # fmt: skip
+        old_total = int(self.schedule["total_steps"])
+        if old_total == cfg.total_steps:
+            return
+        now = self.lr_at(self.step)
+        stretched = {**self.schedule, "step": self.step, "total_steps": cfg.total_steps}
+        stretched["position"] = now_pos = self._position(self.step)
+        fresh = {"base_total": cfg.total_steps, "step": 0, "position": 0.0, "total_steps": cfg.total_steps}
+        self.schedule = fresh
+        recomputed = self.lr_at(self.step)
+        if cfg.optim.resume_schedule == "continue":
+            self.schedule = stretched
+            what = (
+                f"the rest of the learning-rate schedule (position {now_pos:g} of {int(stretched['base_total'])}) is "
+                f"stretched to end at step {cfg.total_steps}, going on from lr {now:.3g} without a jump; "
+                f"optim.resume_schedule=recompute would follow a {cfg.total_steps}-step schedule instead "
+                f"(lr {recomputed:.3g} at step {self.step})"
+            )
+        else:
+            what = (
+                f"the learning rate follows a {cfg.total_steps}-step schedule: {now:.3g} -> {recomputed:.3g} at step "
+                f"{self.step}; optim.resume_schedule=continue would go on from {now:.3g} and end at step "
+                f"{cfg.total_steps} instead"
+            )
+        if self.is_main:
+            print(
+                f"resuming at step {self.step} with total_steps {old_total} -> {cfg.total_steps} "
+                f"(optim.resume_schedule={cfg.optim.resume_schedule}): {what}",
+                flush=True,
+            )
+
+    def _position(self, step: int) -> float:
+        """Where step ``step`` sits in the cosine schedule of ``base_total`` steps (see :meth:`lr_at`)."""
+        sched = self.schedule
+        base, start, position, end = sched["base_total"], sched["step"], sched["position"], sched["total_steps"]
+        return position + (base - position) * (step - start) / max(1.0, end - start) if step >= start else step
+
+    def _loss_state(self) -> list[tuple[Tensor, Tensor]]:
+        """The margin loss's running statistics (AdaFace's norm mean and std) with a copy, taken before a step:
+        a skipped step puts them back (:meth:`_restore_loss_state`), so it leaves no trace."""
+        loss = getattr(self.margin_head, "loss", None)
+        return [(b, b.detach().clone()) for b in loss.buffers()] if loss is not None else []
+
+    @staticmethod
+    def _restore_loss_state(state: list[tuple[Tensor, Tensor]], where: Tensor | None = None) -> None:
+        """Put the statistics back; with ``where`` (a 0-d bool tensor) only if it is true, on the device."""
+        with torch.no_grad():
+            for buffer, saved in state:
+                buffer.copy_(saved if where is None else torch.where(where, saved, buffer))
+
+    def _nonfinite(self, step: int | None = None) -> None:
+        """Count a non-finite step (``step``, 1-based; default: the one under way); stop past the budget."""
+        step = self.step + 1 if step is None else step
         self.counters["nonfinite"] += 1
         where = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint yet"
         if self.cfg.nonfinite == "stop" or self.counters["nonfinite"] > self.cfg.max_nonfinite:
             raise TimmfaceError(
-                f"non-finite loss at step {self.step + 1} ({self.counters['nonfinite']} so far; nonfinite="
+                f"non-finite loss at step {step} ({self.counters['nonfinite']} so far; nonfinite="
                 f"{self.cfg.nonfinite}, max_nonfinite={self.cfg.max_nonfinite}); {where}"
             )
         if self.is_main:
-            print(f"warning: non-finite loss at step {self.step + 1}: step skipped", flush=True)
+            print(f"warning: non-finite loss at step {step}: step skipped", flush=True)
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
@@ -576,14 +821,18 @@ class Trainer:
         """
         cfg = self.cfg
         stop = cfg.total_steps if until is None else min(until, cfg.total_steps)
-        progress = Progress(cfg.total_steps, self.step, cfg.log.progress, enabled=self.is_main)
+        evals = cfg.eval_every if self.val_sets else None
+        progress = Progress(cfg.total_steps, self.step, cfg.log.progress, enabled=self.is_main, eval_every=evals)
         self._fit_t0 = time.perf_counter()
         if self.is_main:
             progress.message(self.describe())
+            if evals is not None and progress.mode != "off" and self.step < stop:
+                progress.set_eval_estimate(self._estimate_eval_seconds())
+        stopper = StopRequest(self.device, self.world.distributed)
+        stopper.install()
         self.model.train()
-        window_time, window_images = 0.0, 0.0  # training time only: evaluation and saving left out
-        acc: dict[str, float] = defaultdict(float)
-        acc_n = 0
+        window_time = 0.0  # training time only: evaluation and saving left out
+        meter = StepMeter()  # the window's logged values, summed on the device until a log step reads them
         try:
             while self.step < stop:
                 t0 = time.perf_counter()
@@ -592,14 +841,13 @@ class Trainer:
                 fault("train.step", step=self.step)  # test-only (timmface/faults.py)
                 if self.ema is not None:
                     self.ema.update(self.model.backbone, self.step)
-                window_time += time.perf_counter() - t0
-                window_images += values.pop("images", 0.0)
-                for k, v in values.items():
-                    acc[k] += float(v)
-                acc_n += 1
+                meter.add(values)
                 log_now = self.step % cfg.log.every == 0 or self.step == cfg.total_steps
+                if log_now or self.step == stop or self._due(cfg.eval_every) or self._due(cfg.save_every):
+                    self._catch_up()  # the host reads here anyway: flags first, and the device's time in the window
+                window_time += time.perf_counter() - t0
                 if log_now:
-                    record = {k: v / acc_n for k, v in acc.items()}
+                    record, window_images = meter.read()
                     record["img_per_s"] = window_images * self.world.world_size / max(window_time, 1e-9)
                     record["elapsed_s"] = self.elapsed()
                     record["epoch"] = self.loader.epoch_progress
@@ -608,19 +856,24 @@ class Trainer:
                     self.metrics.log(self.step, record)
                     shown = {k: record[k] for k in ("loss", "lr", "img_per_s") if k in record}
                     progress.update(self.step, shown, emit=True)
-                    acc, acc_n = defaultdict(float), 0
-                    window_time, window_images = 0.0, 0.0
+                    window_time = 0.0
                 else:
                     progress.update(self.step, {}, emit=False)
                 final = self.step == cfg.total_steps
                 if self._due(cfg.eval_every) or final:
+                    t_eval = time.perf_counter()
                     results = self.evaluate()
+                    if results:
+                        progress.eval_done(self.step, time.perf_counter() - t_eval)
                     if results and self.is_main:
                         progress.message(
                             f"step {self.step}: " + "  ".join(f"{k}={v:.4f}" for k, v in results.items() if "/" in k)
                         )
                 if self._due(cfg.save_every) or final or self.step == stop:
                     self.save()
+                if stopper.agreed() and self.step < stop:
+                    self._stop_on_signal(stopper)
+            stopper.drain()
         except RuntimeError as e:
             if self.world.distributed and tdist.is_peer_failure(e):
                 raise TimmfaceError(
@@ -630,12 +883,46 @@ class Trainer:
                 ) from None
             raise
         finally:
+            stopper.restore()
             progress.close()
             self.loader.close()
             self.metrics.close()
         if self.is_main and self.step == cfg.total_steps:
             self._finish()
         return dict(self.last_eval)
+
+    def _stop_on_signal(self, stopper: StopRequest) -> None:
+        """Every rank agreed to stop after this step: save it (unless just saved), say how to go on, raise."""
+        stopper.drain()
+        if self.last_checkpoint != checkpoint_path(self.output_dir, self.step):
+            self.save()
+        command = "distill" if self.uses_teacher else "train"
+        launcher = " (under torchrun or srun, launched as before)" if self.world.distributed else ""
+        how = f"timmface {command} --config {self.output_dir / 'config.yaml'} resume=auto{launcher}"
+        message = f"stopped at step {self.step} on {stopper.signal_name}: checkpoint {self.last_checkpoint}"
+        if self.is_main:
+            print(f"{message}\nto continue: {how}", flush=True)
+        raise Interrupted(message)
+
+    def _estimate_eval_seconds(self, probe: int = 32) -> float:
+        """Seconds one evaluation should take, for the ETA before the first one is timed: embed ``probe`` images
+        of the first set (after a warm-up of two), scaled to every set's images split over the ranks. Eval mode,
+        no gradient: no state or random number is touched."""
+        images = [self._read_val(p)[0] for p in self.val_sets]
+        sample = images[0][: probe + 2]
+        if len(sample) < 3:
+            return 0.0
+        backbone = self.eval_backbone()
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            self._embed_local(backbone, sample[:2])
+            t0 = time.perf_counter()
+            self._embed_local(backbone, sample[2:])
+            per_image = (time.perf_counter() - t0) / (len(sample) - 2)
+        finally:
+            backbone.train(was_training)
+        return per_image * sum(len(x) for x in images) / self.world.world_size
 
     def elapsed(self) -> float:
         """Wall-clock seconds this run has spent in ``fit``, over all its resumed segments."""
@@ -661,7 +948,7 @@ class Trainer:
             f"timmface: {self.cfg.model.backbone} ({n_backbone / 1e6:.2f}M params) + {self.num_classes} class centres "
             f"({n_head / 1e6:.2f}M{sharded}), {self.cfg.loss.name}, {len(self.dataset)} images, "
             f"batch {self.cfg.batch_size} x {self.world.world_size} rank(s), device {self.device}, "
-            f"from step {self.step} to {self.cfg.total_steps}"
+            f"amp {_dtype_name(self.amp_dtype)} ({self.amp_reason}), from step {self.step} to {self.cfg.total_steps}"
         )
 
     # ------------------------------------------------------------------------------------ evaluation
@@ -683,36 +970,41 @@ class Trainer:
     def embed_images(self, backbone: nn.Module, images: list[bytes]) -> Tensor:
         """Embeddings ``N x D`` (float32, CPU, in order) of encoded images, on every rank: rank ``r``
         embeds its contiguous slice ``[N r / W, N (r + 1) / W)`` (empty when ``N < W``), then all gather."""
+        n, r, w = len(images), self.world.rank, self.world.world_size
+        local = self._embed_local(backbone, images[n * r // w : n * (r + 1) // w])
+        return tdist.all_gather_concat(local.float().to(self.device)).cpu()
+
+    def _embed_local(self, backbone: nn.Module, images: list[bytes]) -> Tensor:
+        """Embeddings ``n x D`` of these images on this rank alone (device of the backbone)."""
         from timmface.evaluation.verification import _decode_batches
 
-        amp = self.amp_dtype if self.device.type == "cuda" else None
-        n, r, w = len(images), self.world.rank, self.world.world_size
-        lo, hi = n * r // w, n * (r + 1) // w
+        amp = AMP_DTYPES[self.cfg.eval_amp]  # not the training amp: fp32 by default, as `timmface eval`
         parts = [
             embed_uint8(backbone, b, flip=self.cfg.eval_flip, amp_dtype=amp, channels_last=self.cfg.model.channels_last)
-            for b in _decode_batches(images[lo:hi], self.cfg.eval_batch_size, self.cfg.data.image_size)
+            for b in _decode_batches(images, self.cfg.eval_batch_size, self.cfg.data.image_size)
         ]
-        local = torch.cat(parts) if parts else torch.empty(0, self.cfg.model.embed_dim)
-        return tdist.all_gather_concat(local.float().to(self.device)).cpu()
+        return torch.cat(parts) if parts else torch.empty(0, self.cfg.model.embed_dim)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Accuracy-Flip on every verification set; images are split across ranks, then gathered."""
         if not self.val_sets:
             return {}
+        self._sync_running_stats()
         backbone = self.eval_backbone()
         was_training = backbone.training
         backbone.eval()
         results: dict[str, float] = {}
         try:
-            for path in self.val_sets:
-                images, issame = self._read_val(path)
-                emb = self.embed_images(backbone, images)
-                res = verification_metrics(emb[0::2], emb[1::2], issame)
-                name = _val_name(path)
-                results[f"acc/{name}"] = res.accuracy
-                results[f"acc_std/{name}"] = res.std
-                results[f"threshold/{name}"] = res.threshold
+            with _no_tf32_matmul(self.device):  # fp32 as `timmface eval` (PyTorch's default), not training's TF32
+                for path in self.val_sets:
+                    images, issame = self._read_val(path)
+                    emb = self.embed_images(backbone, images)
+                    res = verification_metrics(emb[0::2], emb[1::2], issame)
+                    name = _val_name(path)
+                    results[f"acc/{name}"] = res.accuracy
+                    results[f"acc_std/{name}"] = res.std
+                    results[f"threshold/{name}"] = res.threshold
         finally:
             backbone.train(was_training)
         self.last_eval = results

@@ -13,7 +13,8 @@ from timmface.config import load_config, to_dict
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--teacher",
-        help="teacher checkpoint, run directory, timm hub folder or ONNX file (shorthand for distill.teacher=PATH)",
+        help="teacher checkpoint, run directory, timm hub folder, ONNX file or hf-hub:OWNER/REPO[@REVISION][/FILE] "
+        "(shorthand for distill.teacher=PATH)",
     )
     parser.add_argument("--cache", help="teacher-embedding cache from `timmface embed --cache` (distill.cache=PATH)")
     add_config_arguments(parser)

@@ -171,6 +171,10 @@ def _run_cache(args: argparse.Namespace, out: Path) -> int:
     )  # fmt: skip
     with EmbeddingCache.open(out) as cache:
         missing = cache.missing()
+        if len(missing) == cache.num_records:  # a cache of nothing would only fail later, in distillation
+            first = dataset.keys[missing[0]] if hasattr(dataset, "keys") else missing[0]
+            out.unlink(missing_ok=True)
+            raise DataError(f"{out}: nothing written: 0 of {cache.num_records} records could be read (first: {first})")
         state = "complete" if cache.complete else f"{len(missing)} records missing"
         print(f"{out}: teacher cache of {cache.num_records} records x 2 views x {cache.dim} (float16), {state}")
         if len(missing):

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from timmface.errors import ConfigError, DataError
+from timmface.fileio import atomic_write
 from timmface.hub import Resolved, data_file, is_data_spec, is_hub_spec, parse
 
 __all__ = ["LoadedModel", "add_arguments", "bin_protocol", "default_json_path", "load_model", "run"]
@@ -82,12 +83,38 @@ def default_json_path(loaded: LoadedModel) -> Path:
 
 def _run_val_sets(config: dict[str, Any] | None) -> list[str]:
     """The verification sets a run was evaluated on: ``data.val_sets`` (``hf://`` ids pinned to their commit by
-    the trainer), else the ``*.bin`` beside its data."""
+    the trainer), else the ``*.bin`` beside its data -- for the built-in demo, its data in timmface's cache, found
+    (or generated again, identically) as the trainer does."""
     data = (config or {}).get("data") or {}
     if data.get("val_sets"):
         return [str(p) for p in data["val_sets"] if is_data_spec(p) or Path(p).is_file()]
-    path = Path(data.get("path") or "")
-    return [str(p) for p in sorted(path.glob("*.bin"))] if data.get("path") and path.is_dir() else []
+    if not data.get("path") and (data.get("demo") or {}).get("enabled"):
+        path = _demo_folder(data["demo"])
+    else:
+        path = Path(data.get("path") or "")
+    return [str(p) for p in sorted(path.glob("*.bin"))] if str(path) != "." and path.is_dir() else []
+
+
+def _demo_folder(demo: dict[str, Any]) -> Path:
+    from timmface.config import config_from_dict
+    from timmface.trainer import demo_data_path
+
+    settings = config_from_dict({"data": {"demo": demo}}, source="the run's data.demo").data.demo
+    return Path(demo_data_path(settings))
+
+
+def _nothing_to_evaluate(loaded: LoadedModel) -> ConfigError:
+    """Where the run's own sets were looked for, and what to pass instead."""
+    data = (loaded.config or {}).get("data") or {}
+    if loaded.config is None:
+        where = f"{loaded.spec} is not a timmface run, so it has no verification sets of its own"
+    elif data.get("val_sets"):
+        where = f"none of the run's data.val_sets exists ({', '.join(map(str, data['val_sets']))})"
+    elif data.get("path"):
+        where = f"the run's data folder {data['path']} holds no *.bin"
+    else:
+        where = "the run names no data.path or data.val_sets"
+    return ConfigError(f"nothing to evaluate: {where}; give --bins FILE.bin ... and/or --ijb DIR")
 
 
 def _resolve_bins(specs: list[str]) -> tuple[list[Path], dict[str, Resolved]]:
@@ -157,6 +184,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ema", action="store_true", help="timmface runs: evaluate the live weights, not the EMA")
     parser.add_argument("--arch", default=None, help="teacher architecture override (e.g. iresnet100)")
     parser.add_argument("--json", metavar="OUT", help="results file (default: next to the model)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
 
 
 def _ijb_protocol(args: argparse.Namespace) -> Any:
@@ -178,13 +206,19 @@ def _evaluate_bins(
     """``image_size``: what the images are resized to when they differ (a run's ``data.image_size``, as its
     in-training evaluation does; 112 for everything else)."""
     from timmface.evaluation.verification import evaluate_bin
+    from timmface.progress import CountProgress
 
     flip = not args.no_flip
     out = {}
     for path in bins:
-        r = evaluate_bin(
-            model, path, batch_size=args.batch_size, flip=flip, amp_dtype=AMP[args.amp], image_size=image_size
-        )
+        bar = CountProgress(f"eval {path.stem}", enabled=not args.no_progress)
+        try:
+            r = evaluate_bin(
+                model, path, batch_size=args.batch_size, flip=flip, amp_dtype=AMP[args.amp], image_size=image_size,
+                progress=bar.set,
+            )  # fmt: skip
+        finally:
+            bar.close()
         out[path.stem] = {
             "path": str(path),
             "accuracy": r.accuracy,
@@ -200,15 +234,20 @@ def _evaluate_bins(
 
 def _evaluate_ijb(model: nn.Module, device: torch.device, args: argparse.Namespace, json_path: Path) -> dict[str, Any]:
     from timmface.evaluation.ijb import evaluate_ijb, make_embed_fn, save_roc_png
+    from timmface.progress import CountProgress
 
     proto = _ijb_protocol(args)
     embed_fn = make_embed_fn(model, device=device, dtype=AMP[args.amp], batch_size=args.batch_size)
     out = {}
     for set_name in args.ijb_set:
-        r = evaluate_ijb(
-            args.ijb, set_name, embed_fn, protocol=proto, meta_dir=args.ijb_meta, batch_size=args.batch_size,
-            num_workers=args.workers, device=device,
-        )  # fmt: skip
+        bar = CountProgress(f"eval {set_name}", enabled=not args.no_progress)
+        try:
+            r = evaluate_ijb(
+                args.ijb, set_name, embed_fn, protocol=proto, meta_dir=args.ijb_meta, batch_size=args.batch_size,
+                num_workers=args.workers, device=device, progress=bar.set,
+            )  # fmt: skip
+        finally:
+            bar.close()
         png: str | None = None
         try:
             path = json_path.with_name(f"{json_path.stem}_{set_name}_roc.png")
@@ -261,12 +300,10 @@ def _print_tables(results: dict[str, Any]) -> None:
 
 def _write_json(path: Path, results: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
+        with atomic_write(path, hidden=True) as f:
+            f.write((json.dumps(results, indent=2, default=str) + "\n").encode())
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise DataError(f"{path}: cannot write the results ({e.strerror}); choose another --json") from None
 
 
@@ -278,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
     if not bins and not args.ijb:
         specs = _run_val_sets(loaded.config)
         if not specs:
-            raise ConfigError("nothing to evaluate: give --bins FILE.bin ... and/or --ijb DIR")
+            raise _nothing_to_evaluate(loaded)
         print(f"evaluating the run's verification sets: {', '.join(specs)}")
         bins, sources = _resolve_bins(specs)
     device = pick_device(args.device)

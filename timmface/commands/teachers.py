@@ -14,7 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="load a teacher checkpoint and show its format, architecture and input convention",
         description="Load a teacher (file or folder) and show what was detected.",
     )
-    p.add_argument("path", help="teacher checkpoint, run directory, timm hub folder or ONNX file")
+    p.add_argument(
+        "path",
+        help="teacher checkpoint, run directory, timm hub folder or ONNX file, or hf-hub:OWNER/REPO[@REVISION][/FILE]",
+    )
     p.add_argument("--arch", default=None, help="override architecture detection (e.g. iresnet100, ir_101)")
 
 
@@ -33,6 +36,10 @@ def _rows(info: dict[str, object], fingerprint: str) -> list[tuple[str, str]]:
     for key in ("container", "weights", "step", "batch"):
         if info.get(key) is not None:
             rows.append((key, str(info[key])))
+    hub = info.get("hub")
+    if isinstance(hub, dict):  # a Hub id: which revision it asked for, the commit that gave, the files used
+        rows.append(("hub", f"{hub['repo_id']} @ {hub['revision']} = commit {hub['commit']}"))
+        rows.append(("hub files", ", ".join(hub["files"])))
     rows += [("source", str(info.get("source"))), ("fingerprint", fingerprint)]
     return rows
 
@@ -49,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     table = Table(title=f"teacher: {args.path}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
-    for key, value in _rows(teacher.teacher_info, teacher_fingerprint(args.path)):
+    # a Hub id: the fingerprint of the commit just loaded (its pinned source), not of whatever a branch says next
+    source = teacher.teacher_info["source"] if "hub" in teacher.teacher_info else args.path
+    for key, value in _rows(teacher.teacher_info, teacher_fingerprint(source)):
         table.add_row(key, value)
     Console().print(table)
     return 0
