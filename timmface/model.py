@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from timmface.losses import MarginLoss
 
-__all__ = ["MarginHead", "FaceModel", "partial_fc_sample", "num_sampled_classes"]
+__all__ = ["MarginHead", "FaceModel", "head_extra_loss", "partial_fc_sample", "num_sampled_classes"]
 
 
 def num_sampled_classes(partial_fc: float, num_classes: int) -> int:
@@ -67,12 +67,18 @@ class MarginHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_classes, embed_dim).normal_(0, init_std))
         self.loss = loss
         self.num_sampled = num_sampled_classes(partial_fc, num_classes)
+        self.distill: nn.Module | None = None
+        """Set by distillation (:class:`timmface.distill.HeadDistillation`): AdaDistill's centre update before
+        the logits, logit KD after them; used when the forward gets the teacher's embeddings."""
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """embeddings: ``N x D`` (unnormalised); labels: ``N``. Returns ``margin`` and ``norms``."""
+    def forward(self, embeddings: Tensor, labels: Tensor, teacher: Tensor | None = None) -> dict[str, Tensor]:
+        """embeddings: ``N x D`` (unnormalised); labels: ``N``; teacher: ``N x Dt``, the teacher's embeddings of
+        the same images (distillation). Returns ``margin``, ``norms`` and what :attr:`distill` adds."""
         emb = embeddings.float()
         norms = torch.linalg.vector_norm(emb, dim=1)
-        weight = self.weight
+        hook = self.distill if teacher is not None else None
+        out = hook.before_logits(self.weight, emb, teacher, labels) if hook is not None else {}
+        weight, index = self.weight, None
         if self.training and self.num_sampled < self.num_classes:
             index = partial_fc_sample(labels, self.num_classes, self.num_sampled)
             weight = weight[index]
@@ -80,7 +86,16 @@ class MarginHead(nn.Module):
         # cosines in float32: bf16 would put ~0.25 of noise on logits scaled by 64
         with torch.autocast(emb.device.type, enabled=False):
             cosine = F.normalize(emb, dim=1) @ F.normalize(weight.float(), dim=1).T
-        return {"margin": self.loss(cosine, norms, labels), "norms": norms.detach()}
+        out.update(margin=self.loss(cosine, norms, labels), norms=norms.detach())
+        if hook is not None:
+            out.update(hook.logit_loss(cosine, teacher, index))
+        return out
+
+
+def head_extra_loss(head: nn.Module, out: Mapping[str, Tensor]) -> Tensor | float:
+    """The weighted loss terms a head's distillation hook added to its output ``out`` (0 without a hook)."""
+    hook = getattr(head, "distill", None)
+    return hook.weighted(out) if hook is not None else 0.0
 
 
 class FaceModel(nn.Module):
@@ -121,10 +136,9 @@ class FaceModel(nn.Module):
         out: dict[str, Tensor] = {}
         total = embeddings.new_zeros((), dtype=torch.float32)
         if self.head is not None:
-            head_out = self.head(embeddings, labels)
-            out["margin"] = head_out["margin"]
-            out["norms"] = head_out["norms"]
-            total = total + self.margin_weight * head_out["margin"]
+            head_out = self.head(embeddings, labels, targets.get("teacher"))
+            out.update(head_out)  # margin, norms, and a distillation hook's terms (kd_logit, distill/alpha)
+            total = total + self.margin_weight * head_out["margin"] + head_extra_loss(self.head, head_out)
         else:
             out["norms"] = torch.linalg.vector_norm(embeddings.detach().float(), dim=1)
         for name, term in self.terms.items():

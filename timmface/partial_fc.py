@@ -251,6 +251,10 @@ class ShardedMarginHead(nn.Module):
         self.num_sampled_local = shard_sample_counts(total, num_classes, self.world_size)[self.rank]
         self.last_index: Tensor | None = None
         """This rank's sampled centres (local indices, sorted) of the last training step; ``None`` = all."""
+        self.distill: nn.Module | None = None
+        """Set by distillation (:class:`timmface.distill.HeadDistillation`): given the teacher's embeddings of
+        the global batch, AdaDistill updates this rank's rows before the logits, and logit KD runs over this
+        rank's (sampled) columns with a softmax spanning every rank."""
 
     @property
     def local_range(self) -> tuple[int, int]:
@@ -268,15 +272,22 @@ class ShardedMarginHead(nn.Module):
         local = labels - self.start
         return torch.where((local >= 0) & (local < self.num_local), local, torch.full_like(local, -1))
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """embeddings: this rank's ``n_r x D`` (unnormalised); labels: ``n_r`` global class ids.
+    def forward(self, embeddings: Tensor, labels: Tensor, teacher: Tensor | None = None) -> dict[str, Tensor]:
+        """embeddings: this rank's ``n_r x D`` (unnormalised); labels: ``n_r`` global class ids; teacher: this
+        rank's ``n_r x Dt`` teacher embeddings of the same images (distillation, see :attr:`distill`).
 
-        Returns ``margin``: the mean loss over the global batch (the same on every rank), and ``norms``:
-        this rank's embedding norms ``n_r`` (detached).
+        Returns ``margin``: the mean loss over the global batch (the same on every rank), ``norms``:
+        this rank's embedding norms ``n_r`` (detached), and what :attr:`distill` adds.
         """
         emb_local = embeddings.float()
         emb, sizes = all_gather_with_grad(emb_local, self.group)
         all_labels = _gather_rows(labels, sizes, self.group) if self.world_size > 1 else labels
+        hook, out = (self.distill if teacher is not None else None), {}
+        if hook is not None:  # every rank sees the global batch, in rank order (the global batch order)
+            teacher = _gather_rows(teacher.detach().float(), sizes, self.group) if self.world_size > 1 else teacher
+            out = hook.before_logits(
+                self.weight, emb.detach(), teacher, all_labels, start=self.start, gathered=True, group=self.group
+            )
         columns = self.local_columns(all_labels)
         weight = self.weight
         self.last_index = None
@@ -292,7 +303,10 @@ class ShardedMarginHead(nn.Module):
             cosine = F.normalize(emb, dim=1) @ F.normalize(weight.float(), dim=1).T
         logits = self.loss.margin_logits(cosine, norms, columns)
         margin = distributed_cross_entropy(logits, columns, self.group)
-        return {"margin": margin, "norms": torch.linalg.vector_norm(emb_local.detach(), dim=1)}
+        out.update(margin=margin, norms=torch.linalg.vector_norm(emb_local.detach(), dim=1))
+        if hook is not None:
+            out.update(hook.logit_loss(cosine, teacher, self.last_index, self.group, self.world_size))
+        return out
 
     # ------------------------------------------------------------------ rows by global class id (distillation)
 
