@@ -316,7 +316,7 @@ def test_dataset_files_resolve_offline_with_their_commit(fake: FakeHub) -> None:
 
 
 def test_export_push_to_hub_loads_back_in_timmface_and_plain_timm(
-    fake: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fake: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     """What ``timmface export --push-to-hub`` uploads is a new commit; timmface and plain timm load it back."""
     from tests.test_eval_cli import backbone_of, fake_run
@@ -326,6 +326,7 @@ def test_export_push_to_hub_loads_back_in_timmface_and_plain_timm(
     fake.online(monkeypatch)
     assert main(["export", str(run), "--out", str(tmp_path / "out"), "--push-to-hub", "me/face-vit"]) == 0
     commit = fake.repos[("model", "me/face-vit")]["refs"]["main"]
+    assert f"this upload: hf-hub:me/face-vit@{commit}" in capsys.readouterr().out
     backbone = backbone_of(run).eval()
 
     t = teachers.load_teacher("hf-hub:me/face-vit")  # first use: downloads into the cache
@@ -334,6 +335,7 @@ def test_export_push_to_hub_loads_back_in_timmface_and_plain_timm(
     for loaded in (
         teachers.load_teacher("hf-hub:me/face-vit"),
         timm.create_model("hf-hub:me/face-vit", pretrained=True).eval(),  # plain timm, through the same cache
+        timm.create_model(f"hf-hub:me/face-vit@{commit}", pretrained=True).eval(),
     ):
         x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1  # the run's img_size
         with torch.no_grad():
@@ -424,6 +426,8 @@ def test_embed_outputs_name_the_pinned_model(warm: dict, toy_data: Path, tmp_pat
 def test_distill_records_pinned_ids_and_a_resume_keeps_them(
     warm: dict, fake: FakeHub, toy_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
+    import json
+
     import yaml
 
     from tests.conftest import tiny_run_args
@@ -450,3 +454,20 @@ def test_distill_records_pinned_ids_and_a_resume_keeps_them(
     assert f"hf-hub:{REPO} -> {pinned}" in printed and "distill.teacher" not in printed  # not a changed setting
     ckpt = torch.load(sorted((out / "checkpoints").glob("step_*.pt"))[-1], weights_only=True)
     assert ckpt["step"] == 6 and ckpt["config"]["distill"]["teacher"] == pinned
+
+    # eval of the run, without --bins: its own (pinned) Hub set, offline from the cache
+    assert main(["eval", "--model", str(out), "--json", str(tmp_path / "e.json")]) == 0
+    entry = json.loads((tmp_path / "e.json").read_text())["bins"]["toy_val"]
+    assert entry["path"] == pinned_bin and entry["hub"]["commit"] == warm["data_commit"]
+
+
+def test_a_resume_keeps_the_recorded_commit_of_the_same_source() -> None:
+    sha, other = "a" * 40, "b" * 40
+    recorded = [f"hf-hub:o/r@{sha}/sub/model.safetensors", f"hf://o/eval@{other}/lfw.bin"]
+    assert hub.resumed_pin("hf-hub:o/r", recorded) == recorded[0]
+    assert hub.resumed_pin("hf-hub:o/r@main/sub", recorded) == recorded[0]
+    assert hub.resumed_pin("hf-hub:o/r/other.pth", recorded) is None  # another file: resolve afresh
+    assert hub.resumed_pin(f"hf-hub:o/r@{other}", recorded) is None  # a commit asked for explicitly wins
+    assert hub.resumed_pin("hf-hub:o/r2", recorded) is None and hub.resumed_pin("local/x.pth", recorded) is None
+    assert hub.resumed_pin("hf://o/eval/lfw.bin", recorded) == recorded[1]
+    assert hub.resumed_pin("hf://o/eval/cfp_fp.bin", recorded) is None
