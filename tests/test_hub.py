@@ -471,3 +471,37 @@ def test_a_resume_keeps_the_recorded_commit_of_the_same_source() -> None:
     assert hub.resumed_pin("hf-hub:o/r2", recorded) is None and hub.resumed_pin("local/x.pth", recorded) is None
     assert hub.resumed_pin("hf://o/eval/lfw.bin", recorded) == recorded[1]
     assert hub.resumed_pin("hf://o/eval/cfp_fp.bin", recorded) is None
+
+
+def _pins_on_each_rank(rank: int, world: int, arg_sets: list[list[str]]) -> list[dict[str, object]]:
+    from timmface.config import load_config
+    from timmface.errors import TimmfaceError
+    from timmface.trainer import Trainer
+
+    out: list[dict[str, object]] = []
+    for args in arg_sets:
+        try:
+            trainer = Trainer(load_config(None, args))
+        except TimmfaceError as e:
+            out.append({"error": str(e)})
+            continue
+        out.append({"val_sets": list(trainer.cfg.data.val_sets), "local": [str(p) for p in trainer.val_sets]})
+    return out
+
+
+@pytest.mark.multiprocess
+def test_rank_zero_pins_for_every_rank(warm: dict, toy_data: Path, tmp_path: Path) -> None:
+    """Rank 0 resolves (and downloads); every rank gets its pinned ids, or the same one-line error."""
+    from tests.conftest import tiny_run_args
+    from tests.test_distributed import spawn
+
+    arg_sets = [
+        tiny_run_args(toy_data, tmp_path / "run", "data.val_sets=[hf://faces/eval/toy_val.bin]"),
+        tiny_run_args(toy_data, tmp_path / "run2", "data.val_sets=[hf://faces/eval/absent.bin]"),
+    ]
+    ranks = spawn(_pins_on_each_rank, 2, arg_sets, tmp=tmp_path)  # children inherit HF_HUB_CACHE / HF_HUB_OFFLINE
+    pinned = f"hf://faces/eval@{warm['data_commit']}/toy_val.bin"
+    for ok, failed in ranks:
+        assert ok["val_sets"] == [pinned]
+        assert Path(ok["local"][0]).read_bytes() == (toy_data / "toy_val.bin").read_bytes()
+        assert failed == ranks[0][1] and failed["error"].startswith(f"hf://faces/eval/absent.bin: {COLD}")
