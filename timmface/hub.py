@@ -268,7 +268,7 @@ def _resolve_model(ref: HubRef) -> Resolved:
         commit, listing, complete = _listing(ref)
         fetched: dict[str, Path] = {}  # config.json is read while choosing: fetch it once
         files, folder = _choose(ref, commit, listing, complete, fetched)
-        paths = [fetched.get(f) or _download(ref, f) for f in files]
+        paths = [fetched.get(f) or _download(ref, f, local_only=not complete) for f in files]
     snapshot = _snapshot_of(paths[0])
     for moved in {_snapshot_of(p).name for p in paths} - {commit}:
         _fail(ref, f"the revision moved from {commit[:12]} to {moved[:12]} while downloading; run again")
@@ -297,7 +297,7 @@ def _choose(
     if sub and sub in listing:
         folder = sub.rpartition("/")[0]
         config = f"{folder}/config.json" if folder else "config.json"
-        if not sub.endswith(".onnx") and config in listing and _is_timm_config(ref, config, fetched):
+        if not sub.endswith(".onnx") and config in listing and _is_timm_config(ref, config, fetched, not complete):
             return [config, sub], folder
         return [sub], None
     inside = [f[len(sub) + 1 :] if sub else f for f in listing if not sub or f.startswith(sub + "/")]
@@ -306,7 +306,7 @@ def _choose(
             _not_cached(ref)
         _fail(ref, f"no file or folder '{sub}' in {ref.repo_id} at {commit[:12]} (it holds {_names(listing)})")
     prefix = f"{sub}/" if sub else ""
-    if "config.json" in inside and _is_timm_config(ref, prefix + "config.json", fetched):
+    if "config.json" in inside and _is_timm_config(ref, prefix + "config.json", fetched, not complete):
         weights = timm_weights_name(n for n in inside if "/" not in n)
         if weights is None:
             if not complete:
@@ -331,9 +331,9 @@ def _choose(
     )
 
 
-def _is_timm_config(ref: HubRef, path: str, fetched: dict[str, Path]) -> bool:
+def _is_timm_config(ref: HubRef, path: str, fetched: dict[str, Path], local_only: bool) -> bool:
     """Whether the repository's ``config.json`` at ``path`` describes a timm model (names an ``architecture``)."""
-    local = fetched[path] = _download(ref, path)  # small; a download error is the repository's error
+    local = fetched[path] = _download(ref, path, local_only)  # small; a download error is the repository's error
     try:
         config = json.loads(local.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # not JSON (or not UTF-8): not a timm config
@@ -427,13 +427,14 @@ def _files_in(snapshot: Path) -> list[str]:
     return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
 
 
-def _download(ref: HubRef, path: str) -> Path:
-    """``hf_hub_download`` of one repository file into the cache (from the cache alone when offline)."""
+def _download(ref: HubRef, path: str, local_only: bool = False) -> Path:
+    """``hf_hub_download`` of one repository file into the cache; from the cache alone when offline, or when
+    ``local_only`` (the Hub just failed to answer: no point in waiting for it once per file)."""
     import huggingface_hub
 
     local = huggingface_hub.hf_hub_download(
         ref.repo_id, path, repo_type=ref.repo_type, revision=ref.revision, cache_dir=_cache_dir(),
-        local_files_only=_offline(),
+        local_files_only=local_only or _offline(),
     )  # fmt: skip
     return Path(local)
 
