@@ -79,9 +79,23 @@ class AdaFaceIR(nn.Module):
             nn.BatchNorm1d(embed_dim, affine=False),
         )
 
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The convolutional trunk: ``N x 3 x 112 x 112`` BGR -> ``N x 25088`` (``output_layer``'s BatchNorm2d,
+        dropout and flatten included, as arcface_torch's iResNet keeps ``bn2`` in its autocast part)."""
+        x = self.body(self.input_layer(x))
+        for layer in self.output_layer[:3]:
+            x = layer(x)
+        return x
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        """``N x 25088`` -> ``N x D``: the output layer's Linear and BatchNorm1d."""
+        for layer in self.output_layer[3:]:
+            x = layer(x)
+        return x
+
     def forward(self, x: Tensor) -> Tensor:
         """``N x 3 x 112 x 112`` BGR in [-1, 1] -> ``N x D`` = upstream's ``normalised * norm``."""
-        return self.output_layer(self.body(self.input_layer(x)))
+        return self.forward_head(self.forward_features(x))
 
 
 def adaface_block_counts(keys: Iterable[str] | Mapping[str, object]) -> tuple[int, ...]:

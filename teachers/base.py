@@ -97,6 +97,21 @@ class Teacher(nn.Module):
         """``N x 3 x H x W`` RGB in [-1, 1] -> ``N x embed_dim`` unnormalised embeddings."""
         return self.net(self.prepare(x))
 
+    @property
+    def has_head(self) -> bool:
+        """Whether the net splits into :meth:`forward_features` and :meth:`forward_head` (``forward`` = head of
+        features): the face iResNets and every timm model do; an ONNX session does not."""
+        net = self.net
+        return callable(getattr(net, "forward_features", None)) and callable(getattr(net, "forward_head", None))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``N x 3 x H x W`` RGB in [-1, 1] -> the net's features before its embedding head (e.g. ``N x 25088``)."""
+        return self.net.forward_features(self.prepare(x))
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        """Features from :meth:`forward_features` -> ``N x embed_dim`` (e.g. iResNet's ``fc`` + ``features``)."""
+        return self.net.forward_head(x)
+
     def extra_repr(self) -> str:
         info = self.teacher_info
         return f"format={info.get('format')}, architecture={info.get('architecture')}, embed_dim={self.embed_dim}"

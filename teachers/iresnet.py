@@ -8,8 +8,9 @@ stride 2 + BN); then ``bn2``, flatten (C, H, W order), ``fc`` (512*7*7 -> D) and
 BatchNorm1d, whose output is the unnormalised embedding. Every BatchNorm uses eps 1e-5.
 
 What upstream has that a frozen teacher does not need: the dropout before ``fc`` (identity in eval) and
-the ``fp16`` flag, which only wraps the convolutional trunk in CUDA autocast (:class:`TeacherWrapper`
-chooses the teacher's precision instead). Input: RGB, ``(x/255 - 0.5)/0.5``, i.e. our [-1, 1] batch.
+the ``fp16`` flag, which wraps the convolutional trunk in CUDA autocast and keeps ``fc`` and ``features`` in
+float32 (:class:`TeacherWrapper` does the same with the precision it is given, through :meth:`IResNet.forward_features`
+and :meth:`IResNet.forward_head`). Input: RGB, ``(x/255 - 0.5)/0.5``, i.e. our [-1, 1] batch.
 """
 
 from __future__ import annotations
@@ -77,12 +78,22 @@ class IResNet(nn.Module):
         self.fc = nn.Linear(512 * 7 * 7, num_features)  # 112 / 2**4 = 7
         self.features = nn.BatchNorm1d(num_features, eps=1e-5)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``N x 3 x 112 x 112`` RGB in [-1, 1] -> ``N x num_features`` (the ``features`` BN output)."""
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The convolutional trunk: ``N x 3 x 112 x 112`` -> ``N x 25088`` (``bn2`` output, flattened C, H, W).
+
+        arcface_torch's ``fp16`` path runs exactly this part under autocast and :meth:`forward_head` in
+        float32 (timm's ``forward_features`` / ``forward_head`` names, so one split serves every teacher)."""
         x = self.prelu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = torch.flatten(self.bn2(x), 1)
+        return torch.flatten(self.bn2(x), 1)
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        """``N x 25088`` -> ``N x num_features``: ``fc`` then the ``features`` BatchNorm."""
         return self.features(self.fc(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``N x 3 x 112 x 112`` RGB in [-1, 1] -> ``N x num_features`` (the ``features`` BN output)."""
+        return self.forward_head(self.forward_features(x))
 
 
 def iresnet_block_counts(keys: Iterable[str]) -> tuple[int, ...]:

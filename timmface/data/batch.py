@@ -354,12 +354,16 @@ def normalize_on_device(
     flips: Tensor | None,
     dtype: torch.dtype = torch.float32,
     memory_format: torch.memory_format = torch.contiguous_format,
+    any_flip: bool | None = None,
 ) -> Tensor:
     """uint8 ``N x 3 x H x W`` (any memory layout) -> float ``(x / 255 - 0.5) / 0.5`` in ``memory_format``,
-    with ``flips`` rows mirrored. Flips on an accelerator are applied without first asking whether any is
-    set: reading a device tensor on the host waits for the device (see :class:`DeviceNormalizer`)."""
+    with ``flips`` rows mirrored. ``any_flip``: whether any row is mirrored, when the caller knows it from a
+    host copy (reading ``flips`` on an accelerator would wait for the device; see :class:`DeviceNormalizer`).
+    Unknown: asked on a CPU, assumed (a ``torch.where`` that may change nothing) on an accelerator."""
     x = images.to(dtype, memory_format=memory_format)
-    if flips is not None and (flips.device.type != "cpu" or bool(flips.any())):
+    if any_flip is None and flips is not None:
+        any_flip = flips.device.type != "cpu" or bool(flips.any())
+    if flips is not None and any_flip:
         x = torch.where(flips.view(-1, 1, 1, 1), x.flip(3), x)
     return x.mul_(1.0 / 127.5).sub_(1.0)
 
@@ -392,7 +396,7 @@ class DeviceNormalizer:
         return moved  # type: ignore[return-value]
 
     def __call__(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        any_flip = batch.flips.device.type != "cpu" or bool(batch.flips.any())  # the host copy, when there is one
         images, flips, labels = self._to_device(batch)
-        mirror = flips if batch.flips.device.type != "cpu" or bool(batch.flips.any()) else None
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return normalize_on_device(images, mirror, memory_format=fmt), labels, flips
+        return normalize_on_device(images, flips, memory_format=fmt, any_flip=any_flip), labels, flips
