@@ -262,26 +262,188 @@ def test_image_folder_with_bad_files_through_the_loader(tmp_path: Path, workers:
     loader.close()
 
 
-# ------------------------------------------------------------------------------------------------ GPU
+# ------------------------------------------------------------------------------------------------ GPU vs CPU decoding
+
+
+def chroma_upsampling_gap(image: torch.Tensor) -> float:
+    """Mean |difference| (grey levels, over pixels and channels) between the two ways a decoder brings 4:2:0
+    chroma back to full size, for this uint8 RGB ``3 x H x W`` image: libjpeg-turbo's "fancy" upsampling (a
+    3/4-1/4 triangle filter with edge replication: bilinear x2) and nvJPEG's default, each chroma sample
+    replicated over its 2x2 block. Emulated without the DCT: JFIF RGB -> YCbCr, chroma averaged over 2x2
+    (libjpeg's downsampling, edges replicated), both upsamplings, YCbCr -> RGB, rounded. 0 for grey images."""
+    r, g, b = image.double()
+    h, w = r.shape
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb = -0.168736 * r - 0.331264 * g + 0.5 * b + 128
+    cr = 0.5 * r - 0.418688 * g - 0.081312 * b + 128
+
+    def down(c: torch.Tensor) -> torch.Tensor:
+        c = torch.nn.functional.pad(c[None, None], (0, w % 2, 0, h % 2), mode="replicate")
+        return torch.nn.functional.avg_pool2d(c, 2)
+
+    def up(c: torch.Tensor, mode: str) -> torch.Tensor:
+        kw = {"align_corners": False} if mode == "bilinear" else {}
+        return torch.nn.functional.interpolate(c, scale_factor=2, mode=mode, **kw)[0, 0, :h, :w]
+
+    def rgb(cb: torch.Tensor, cr: torch.Tensor) -> torch.Tensor:
+        out = [y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128), y + 1.772 * (cb - 128)]
+        return torch.stack(out).round().clamp(0, 255)
+
+    cbd, crd = down(cb), down(cr)
+    return float(
+        (rgb(up(cbd, "bilinear"), up(crd, "bilinear")) - rgb(up(cbd, "nearest"), up(crd, "nearest"))).abs().mean()
+    )
+
+
+def mixed_originals(
+    num_classes: int = 5, per_class: int = 8, corrupt: tuple[int, ...] = (13,)
+) -> dict[int, torch.Tensor]:
+    """The pixels :func:`write_mixed_recordio` encoded, by record index (grey images as 3 equal channels)."""
+    out = {}
+    for i in range(num_classes * per_class):
+        if i in corrupt:
+            continue
+        label = i // per_class
+        if i % 7 == 3:
+            out[i] = class_image(label, i, 24)[:, :20, :]
+        else:
+            img = class_image(label, i, SIZE)
+            out[i] = img[:1].expand(3, -1, -1) if i % 5 == 4 else img
+    return out
+
+
+def test_chroma_upsampling_accounts_for_the_measured_gpu_decode_difference() -> None:
+    """The diagnosis of the 5.3 levels first measured between nvJPEG and libjpeg-turbo on the mixed set: with
+    the same samples, seeds and order of operations (the test above: bit-identical with a CPU decoder), what
+    remains is the decoder, and emulating its chroma upsampling alone gives 5.5 levels over the set (6.8 on
+    the colour images of per-pixel colour noise, 0 on the grey ones). A smooth image -- the same kind of
+    colours without the noise, stretched to 112x112 -- gives 1.3 (the procedural demo faces: 0.8 on average)."""
+    gaps = {i: chroma_upsampling_gap(img) for i, img in mixed_originals().items()}
+    grey = [i for i in gaps if i % 5 == 4 and i % 7 != 3]
+    assert all(gaps[i] == 0 for i in grey)
+    assert 5.0 < sum(gaps.values()) / len(gaps) < 6.0
+    g = torch.Generator().manual_seed(1000)
+    pattern = torch.randint(0, 256, (1, 3, 4, 4), generator=g).float()
+    smooth = torch.nn.functional.interpolate(pattern, size=(112, 112), mode="bilinear", align_corners=False)
+    smooth = smooth[0].round().to(torch.uint8)
+    assert chroma_upsampling_gap(smooth) < 1.5
+
+
+def test_decode_ahead_keeps_order_raises_in_order_and_stops() -> None:
+    """The decoding thread hands batches over in order, raises a source error at the batch where it happened,
+    and ``close`` ends the thread."""
+    from timmface.data.gpu_decode import DecodeAhead
+
+    def source():
+        for k in range(3):
+            yield Batch(torch.full((1, 3, 2, 2), k, dtype=torch.uint8), torch.tensor([k]), torch.tensor([k]),
+                        torch.tensor([False]))  # fmt: skip
+        raise DataError("boom at the fourth batch")
+
+    ahead = DecodeAhead(source(), EncodedBatchDecoder(torch.device("cpu"), 2), depth=2)
+    assert [int(next(ahead).labels) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(DataError, match="boom at the fourth"):
+        next(ahead)
+    ahead.close()
+    assert not ahead._thread.is_alive()
+
+    endless = DecodeAhead(iter(lambda: Batch(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.tensor([0]),
+                                             torch.tensor([0]), torch.tensor([False])), None),
+                          EncodedBatchDecoder(torch.device("cpu"), 2))  # fmt: skip
+    next(endless)
+    endless.close()  # the thread is blocked handing over a full queue: it still stops
+    assert not endless._thread.is_alive()
+
+
+def test_decode_auto_without_cuda_is_cpu_and_the_probe_keeps_the_faster(mixed: Path) -> None:
+    """``data.decode=auto`` on a CPU run is the CPU path (no probe). The probe itself, with the CPU decoder
+    standing in for nvJPEG: both loaders timed, the faster kept, one line saying so; the loaders are closed."""
+    import functools
+    import re
+
+    from timmface.data.gpu_decode import probe_decode
+
+    assert resolve_decode_device("auto", torch.device("cpu")) is None
+    assert resolve_decode_device("auto", torch.device("cuda", 0)) == torch.device("cuda", 0)
+    build = functools.partial(build_train_loader, RecordIODataset(mixed), 8, image_size=SIZE, num_workers=0)
+    cpu = torch.device("cpu")
+    choice, line = probe_decode(build, cpu, workers=0)
+    m = re.fullmatch(r"data\.decode=auto: CPU decode ([\d,]+) img/s \(0 workers\), GPU decode ([\d,]+) img/s, "
+                     r"over 2 batches each: using (cpu|gpu)", line)  # fmt: skip
+    assert m, line
+    rates = float(m[1].replace(",", "")), float(m[2].replace(",", ""))
+    assert m[3] == ("gpu" if rates[1] > rates[0] else "cpu") and choice == (cpu if m[3] == "gpu" else None)
+
+
+def _encode_444(image: torch.Tensor) -> bytes:
+    """JPEG without chroma subsampling (4:4:4), via Pillow: decoders then differ only in IDCT and colour rounding."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=90, subsampling=0)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def full_chroma(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 colour images of the mixed set's kind, encoded 4:4:4."""
+    with RecordIOWriter(tmp_path_factory.mktemp("pipeline444") / "rec", num_classes=5, image_size=(SIZE, SIZE)) as w:
+        for i in range(40):
+            w.add(_encode_444(class_image(i // 8, i, SIZE)), i // 8)
+    return w.out_dir
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_decode_is_close_to_cpu_decode(mixed: Path) -> None:
-    ds = RecordIODataset(mixed)
+def test_nvjpeg_differs_from_libjpeg_by_its_chroma_upsampling(mixed: Path, full_chroma: Path) -> None:
+    """Image by image: a 4:2:0 JPEG decoded by nvJPEG differs from libjpeg-turbo by at most the emulated
+    chroma-upsampling gap + 1 level (if torchvision turns on nvJPEG's interpolated upsampling, the difference
+    drops below 1 and this still holds); a grey or a 4:4:4 JPEG, with no chroma to upsample, by at most 1
+    level (IDCT and colour conversion; torchvision's own test allows a mean of 2 on 4:2:0 photographs)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    originals = mixed_originals()
+    report = []
+    for folder, limit in ((mixed, None), (full_chroma, 1.0)):
+        ds = RecordIODataset(folder)
+        idx = [i for i in range(len(ds)) if folder != mixed or i in originals]
+        data = [torch.frombuffer(bytearray(ds.read_raw(i)[0]), dtype=torch.uint8) for i in idx]
+        gpu = decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")
+        for i, raw, g in zip(idx, data, gpu):
+            diff = float((g.cpu().float() - decode_rgb(raw).float()).abs().mean())
+            bound = limit if limit is not None else chroma_upsampling_gap(originals[i]) + 1.0
+            report.append((folder.name, i, round(diff, 2), round(bound, 2)))
+            assert diff <= bound, (folder.name, i, diff, bound)
+    print("nvJPEG vs libjpeg-turbo, mean |diff| per image (set, index, measured, bound):", report)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_decode_batches_match_cpu_decode(mixed: Path, full_chroma: Path) -> None:
+    """The loader with data.decode=gpu against CPU decoding: the same samples, labels, flips and bad records;
+    pixels within the decoders' difference. On the 4:2:0 set without augmentation, per batch: the mean of
+    its samples' emulated chroma gaps + 1 level (resizing only averages differences down). On the 4:4:4 set,
+    with and without augmentation (affine resampling and colour jitter carry the rounding differences,
+    jitter scaling them by up to 1.3): 1.5 levels."""
     cuda = torch.device("cuda")
-    for transform in (None, build_transform(AUG)):
+    gaps = {i: chroma_upsampling_gap(img) for i, img in mixed_originals().items()}
+    means = []
+    for folder, transform in ((mixed, None), (full_chroma, None), (full_chroma, build_transform(AUG))):
+        ds = RecordIODataset(folder)
         kw = dict(seed=5, num_workers=2, transform=transform)
         gpu = batches(ds, 12, decode_device=cuda, **kw)
         cpu = batches(ds, 12, pin_memory=True, **kw)  # the pinning thread turns lent buffers into pinned batches
         for a, b in zip(gpu, cpu):
-            assert a.images.device.type == "cuda"
+            assert a.images.device.type == "cuda" and a.images.dtype == torch.uint8 and a.images.shape == b.images.shape
             assert torch.equal(a.labels, b.labels) and torch.equal(a.indices, b.indices) and a.bad == b.bad
-            diff = (a.images.cpu().float() - b.images.float()).abs()
-            # nvJPEG's IDCT / upsampling differ from libjpeg-turbo's; augmentation resamples those pixels
-            assert diff.mean() < 3.0, diff.mean()
-    decoder = EncodedBatchDecoder(cuda, SIZE)
-    assert decoder.device == cuda
+            assert torch.equal(a.flips, b.flips) and a.resized == b.resized
+            mean = float((a.images.cpu().float() - b.images.float()).abs().mean())
+            bound = 1.0 + sum(gaps[int(i)] for i in a.indices) / len(a.indices) if folder == mixed else 1.5
+            means.append((folder.name, transform is not None, round(mean, 2), round(bound, 2)))
+            assert mean <= bound, means[-1]
+    print("data.decode=gpu vs cpu, mean |diff| per batch (set, augmented, measured, bound):", means)
 
 
 def test_a_fast_batch_pickles(mixed: Path) -> None:
