@@ -234,11 +234,13 @@ def test_recordio_header_and_image_size_fields(rec_folder: dict[str, bytes], tmp
 @FUZZ
 @given(data=st.data())
 def test_recordio_index_cache(rec_folder: dict[str, bytes], data: st.DataObject) -> None:
-    """A damaged ``train.idx.npz`` cache is ignored and rebuilt, never trusted or fatal."""
+    """A damaged index cache is ignored and rebuilt, never trusted or fatal."""
+    from timmface.data.recordio import index_cache_path
+
     with tempfile.TemporaryDirectory() as tmp:
         root = _write_folder(Path(tmp) / "toy", rec_folder)
         _read_everything(root, index_cache=True)  # writes the cache
-        cache = root / "train.idx.npz"
+        cache = index_cache_path(root / "train.idx", root / "cache")
         cache.write_bytes(data.draw(mutated(cache.read_bytes())))
         got = parses_or_own_error(_read_everything, root, index_cache=True)
         assert not isinstance(got, Exception)  # the index itself is fine: the cache must not matter

@@ -446,7 +446,7 @@ def test_export_never_deletes_the_run(tmp_path: Path, capsys) -> None:
 def test_cache_files_stay_beside_their_target(tmp_path: Path) -> None:
     """Temporary names are derived inside the target's own folder; fallback and demo cache folders are hashes."""
     from timmface.data.demo import demo_key
-    from timmface.data.recordio import index_cache_paths
+    from timmface.data.recordio import index_cache_path
     from timmface.embedding.cache import create_file
 
     inner = tmp_path / "a" / "b"
@@ -456,9 +456,8 @@ def test_cache_files_stay_beside_their_target(tmp_path: Path) -> None:
     assert _files(tmp_path) == {tmp_path / "a" / "emb.tfemb"}
 
     idx = tmp_path / "d" / "train.idx"
-    paths = index_cache_paths(idx, cache_dir=tmp_path / "cache")
-    assert paths[0] == tmp_path / "d" / "train.idx.npz"
-    assert paths[1].parent == tmp_path / "cache" and set(paths[1].stem) <= set("0123456789abcdef")
+    path = index_cache_path(idx, cache_dir=tmp_path / "cache")
+    assert path.parent == tmp_path / "cache" and set(path.stem) <= set("0123456789abcdef")
 
     key = demo_key(num_identities=5, images_per_identity=2)
     assert set(key) <= set("0123456789abcdef") and len(key) == 16

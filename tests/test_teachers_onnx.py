@@ -1,4 +1,9 @@
-"""ONNX teachers (insightface model packs) through onnxruntime, from small models the tests export."""
+"""ONNX teachers (insightface model packs) through onnxruntime, from small models the tests export.
+
+The input convention (raw 0..255 pixels for older MXNet conversions, else [-1, 1]) must not depend on whether the
+``onnx`` package is installed: with onnxruntime alone, raw-pixel models used to get [-1, 1] input (wrong
+embeddings, no error), so the graph facts are read from the protobuf itself and checked here with ``onnx`` hidden.
+"""
 
 from __future__ import annotations
 
@@ -94,15 +99,14 @@ def test_model_pack_folder_picks_recognition_model(tmp_path: Path, tiny: TinyRec
     assert teachers.teacher_fingerprint(pack) == teachers.teacher_fingerprint(pack / "w600k_r50.onnx")
 
 
-def test_mxnet_style_graph_takes_raw_pixels(tmp_path: Path) -> None:
-    """Older packs normalise inside the graph (nodes _minusscalar0/_mulscalar0): they get 0..255 pixels."""
+def mxnet_style_model(path: Path, sub_name: str = "_minusscalar0", mul_name: str = "_mulscalar0") -> np.ndarray:
+    """A raw-pixel graph (normalises inside, as older insightface packs do); returns its weight."""
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(0)
-    weight = rng.standard_normal((3 * 112 * 112, 16)).astype(np.float32) * 0.01
+    weight = np.random.default_rng(0).standard_normal((3 * 112 * 112, 16)).astype(np.float32) * 0.01
     nodes = [
-        helper.make_node("Sub", ["data", "mean"], ["x0"], name="_minusscalar0"),
-        helper.make_node("Mul", ["x0", "scale"], ["x1"], name="_mulscalar0"),
+        helper.make_node("Sub", ["data", "mean"], ["x0"], name=sub_name),
+        helper.make_node("Mul", ["x0", "scale"], ["x1"], name=mul_name),
         helper.make_node("Flatten", ["x1"], ["x2"], name="flatten0", axis=1),
         helper.make_node("MatMul", ["x2", "w"], ["fc1"], name="fc1"),
     ]
@@ -117,14 +121,72 @@ def test_mxnet_style_graph_takes_raw_pixels(tmp_path: Path) -> None:
             numpy_helper.from_array(weight, "w"),
         ],
     )
-    path = tmp_path / "model.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return weight
+
+
+@pytest.mark.parametrize("onnx_installed", [True, False])
+def test_raw_pixel_graph_gets_raw_pixels_with_or_without_onnx(onnx_installed: bool, tmp_path: Path, monkeypatch):
+    path = tmp_path / "w600k_mxnet.onnx"
+    weight = mxnet_style_model(path)
+    if not onnx_installed:
+        monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now raises ImportError
     t = teachers.load_teacher(path)
     x = rgb_batch(2)
     pixels = x * 127.5 + 127.5
     expected = ((pixels - 127.5) * 0.0078125).flatten(1) @ torch.from_numpy(weight)
     torch.testing.assert_close(t(x), expected, rtol=1e-4, atol=1e-4)
-    assert t.teacher_info["input"].startswith("RGB, 0..255") and t.embed_dim == 16
+    assert t.teacher_info["input"].startswith("RGB, 0..255")
+    assert t.teacher_info["parameters"] == weight.size + 2
+
+
+def test_graph_facts_equal_what_onnx_reads(tmp_path: Path, monkeypatch):
+    """The first node names and the parameter count, read without onnx, equal onnx's own reading of an exported
+    torch model and of a hand-built graph."""
+    from teachers.onnx_teacher import read_graph_facts
+
+    torch.manual_seed(0)
+    files = [export(TinyRecognition().eval(), tmp_path / "tiny.onnx"), tmp_path / "mx.onnx"]
+    mxnet_style_model(files[1], sub_name="Sub_0", mul_name="Mul_1")
+    expected = []
+    for f in files:
+        m = onnx.load(str(f))
+        expected.append(([n.name for n in m.graph.node[:8]], sum(int(np.prod(t.dims)) for t in m.graph.initializer)))
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    for f, (names, params) in zip(files, expected, strict=True):
+        facts = read_graph_facts(f)
+        assert (facts.first_nodes, facts.parameters) == (names, params)
+    assert read_graph_facts(files[1]).raw_pixels and not read_graph_facts(files[0]).raw_pixels
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (wire type 2); numbers and lengths below 128 fit one byte."""
+    assert number < 16 and len(payload) < 128
+    return bytes([number << 3 | 2, len(payload)]) + payload
+
+
+def test_graph_facts_read_packed_dims(tmp_path: Path):
+    """onnx writes ``dims`` unpacked (proto2); a packed encoding is valid protobuf too and must count the same."""
+    from teachers.onnx_teacher import read_graph_facts
+
+    node = _field(3, b"_minus0")  # NodeProto.name
+    mul = _field(3, b"_mul0")
+    tensor = _field(1, bytes([3, 4, 5])) + _field(8, b"w")  # TensorProto.dims packed [3, 4, 5], .name "w"
+    graph = _field(1, node) + _field(1, mul) + _field(5, tensor)
+    path = tmp_path / "packed.onnx"
+    path.write_bytes(bytes([0x08, 0x07]) + _field(7, graph))  # ModelProto.ir_version 7 (a varint), .graph
+    facts = read_graph_facts(path)
+    assert (facts.first_nodes, facts.parameters, facts.raw_pixels) == (["_minus0", "_mul0"], 60, True)
+
+
+def test_graph_facts_of_a_file_that_is_not_onnx_is_one_line(tmp_path: Path):
+    from teachers.onnx_teacher import read_graph_facts
+
+    for name, data in (("empty.onnx", b""), ("cut.onnx", bytes([0x3A, 0x7F, 0x0A]))):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(TeacherError) as e:
+            read_graph_facts(tmp_path / name)
+        assert name in assert_one_line(e)
 
 
 def test_missing_onnxruntime(tmp_path: Path, tiny: TinyRecognition, monkeypatch: pytest.MonkeyPatch) -> None:

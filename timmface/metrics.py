@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from timmface.fileio import atomic_write
 
 __all__ = ["MetricsWriter", "Progress", "read_metrics"]
 
@@ -62,9 +63,8 @@ class MetricsWriter:
                     kept.append(line)
             except (ValueError, AttributeError):
                 continue  # a line cut short by a crash
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        with atomic_write(self.path, hidden=True) as f:
+            f.write("".join(k + "\n" for k in kept).encode())
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:

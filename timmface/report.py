@@ -9,17 +9,21 @@ pyplot's global state, so it is safe inside a training process.
 from __future__ import annotations
 
 import math
-import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from timmface.errors import DataError
+from timmface.fileio import atomic_path
 
-__all__ = ["load_run_metrics", "loss_terms", "plot_metrics", "summarise_run", "write_report"]
+__all__ = ["PLOT_HINT", "Report", "load_run_metrics", "loss_terms", "plot_metrics", "summarise_run", "write_report"]
+
+# how to get plots (report.png, IJB ROC curves): matplotlib is the optional extra ``plot``
+PLOT_HINT = 'needs matplotlib: pip install -e ".[plot]" (or pip install matplotlib)'
 
 # logged values that are not loss terms
 _NOT_LOSS = {"step", "lr", "img_per_s", "epoch", "grad_norm", "norm_mean", "nonfinite_skipped", "skipped", "images"}
-_NOT_LOSS_PREFIX = ("acc/", "acc_std/", "threshold/", "data/", "time", "elapsed")
+_NOT_LOSS_PREFIX = ("acc/", "acc_std/", "threshold/", "data/", "time", "elapsed", "distill/", "teacher_acc")
 _TIME_KEYS = ("elapsed", "elapsed_s", "time", "wall_time")
 
 
@@ -118,8 +122,11 @@ def summarise_run(records: list[dict[str, Any]], config: dict[str, Any] | None =
     if train:
         last = train[-1]
         terms = "  ".join(f"{k} {last[k]:.4g}" for k in loss_terms(records) if _number(last.get(k)))
-        lr = f"  lr {last['lr']:.3g}" if _number(last.get("lr")) else ""
-        lines.append(f"last losses (step {last['step']}): {terms}{lr}")
+        lines.append(f"last losses (step {last['step']}): {terms}")
+        if _number(last.get("lr")):
+            lines.append(f"learning rate (step {last['step']}): {last['lr']:.3g}")
+        if _number(last.get("distill/cos_st")):  # how close the student is to its teacher
+            lines.append(f"student-teacher cosine (step {last['step']}): {last['distill/cos_st']:.4f}")
     windows = _train_windows(records)
     if windows:
         steady = windows[1:] if len(windows) > 1 else windows  # the first window holds start-up and compilation
@@ -134,19 +141,35 @@ def summarise_run(records: list[dict[str, Any]], config: dict[str, Any] | None =
         protocol = "insightface 10-fold, " + ("Accuracy-Flip" if flip else "no flip")
         lines.append(f"verification accuracy (%, {protocol}):")
         width = max(len(n) for n in summary)
-        lines.append(f"  {'set':<{width}}  {'best':>15}  {'at step':>8}  {'last':>15}  {'at step':>8}")
+        teacher = _teacher_accuracies(records)  # distillation: the teacher on the same sets, beside the student
+        head = f"  {'set':<{width}}  {'best':>15}  {'at step':>8}  {'last':>15}  {'at step':>8}"
+        lines.append(head + (f"  {'teacher':>15}" if teacher else ""))
         for name, s in sorted(summary.items()):
 
             def fmt(v: float, std: Any) -> str:
                 return f"{100 * v:.2f}" + (f" ± {100 * std:.2f}" if _number(std) else "")
 
-            lines.append(
+            row = (
                 f"  {name:<{width}}  {fmt(s['best'], s.get('best_std')):>15}  {s['best_step']:>8}  "
                 f"{fmt(s['last'], s.get('last_std')):>15}  {s['last_step']:>8}"
             )
+            if teacher:
+                row += f"  {fmt(*teacher[name]) if name in teacher else '-':>15}"
+            lines.append(row)
     else:
         lines.append("verification accuracy: none logged")
     return "\n".join(lines)
+
+
+def _teacher_accuracies(records: list[dict[str, Any]]) -> dict[str, tuple[float, Any]]:
+    """``{set: (accuracy, std)}`` of the distillation teacher (``teacher_acc/<set>``, the latest logged)."""
+    out: dict[str, tuple[float, Any]] = {}
+    for r in records:
+        for k, v in r.items():
+            if k.startswith("teacher_acc/") and _number(v):
+                name = k[len("teacher_acc/") :]
+                out[name] = (float(v), r.get(f"teacher_acc_std/{name}"))
+    return out
 
 
 def plot_metrics(records: list[dict[str, Any]], out: str | Path, title: str = "") -> Path:
@@ -160,8 +183,10 @@ def plot_metrics(records: list[dict[str, Any]], out: str | Path, title: str = ""
     out = Path(out)
     panels: list[tuple[str, list[str], str]] = [("loss terms", loss_terms(records), "")]
     panels += [("learning rate", ["lr"], ""), ("throughput", ["img_per_s"], "img/s")]
-    panels.append(("verification accuracy", [f"acc/{n}" for n in _acc_sets(records)], "%"))
+    sets = _acc_sets(records)
+    panels.append(("verification accuracy", [*(f"acc/{n}" for n in sets), *(f"teacher_acc/{n}" for n in sets)], "%"))
     panels += [("gradient norm", ["grad_norm"], ""), ("mean embedding norm", ["norm_mean"], "")]
+    panels.append(("distillation", ["distill/cos_st", "distill/alpha"], ""))
     panels = [p for p in panels if any(_series(records, k)[0] for k in p[1])]
     if not panels:
         raise DataError(f"{out}: nothing to plot (no numeric metrics)")
@@ -177,7 +202,9 @@ def plot_metrics(records: list[dict[str, Any]], out: str | Path, title: str = ""
                 continue
             if unit == "%":
                 values = [100 * v for v in values]
-            ax.plot(steps, values, marker="o" if key.startswith("acc/") else None, markersize=3, lw=1, label=key)
+            style = "--" if key.startswith("teacher_acc/") else "-"  # the teacher: computed once, a flat reference
+            marker = "o" if key.startswith("acc/") else None
+            ax.plot(steps, values, linestyle=style, marker=marker, markersize=3, lw=1, label=key)
         ax.set_title(name)
         ax.set_xlabel("step")
         if unit:
@@ -189,25 +216,32 @@ def plot_metrics(records: list[dict[str, Any]], out: str | Path, title: str = ""
         fig.suptitle(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(out, hidden=True) as tmp:
         fig.savefig(str(tmp), dpi=100, format="png")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 
-def write_report(run_dir: str | Path) -> Path | None:
-    """Write ``run_dir/report.png`` (curves) and ``run_dir/report.txt`` (summary); returns the PNG's path.
+@dataclass
+class Report:
+    """What :func:`write_report` wrote."""
 
-    Returns None and writes nothing when matplotlib is not installed or the run has logged no metrics yet, so the
-    trainer can call it unconditionally at the end of a run.
+    text: Path
+    """``report.txt``: the summary (always written)."""
+    summary: str
+    plot: Path | None
+    """The PNG, or None when it was not drawn (see ``note``)."""
+    note: str | None = None
+    """Why the plot is missing and how to get it."""
+
+
+def write_report(run_dir: str | Path, plot: bool = True, png: str | Path | None = None) -> Report | None:
+    """Write ``run_dir/report.txt`` (the summary) and, with ``plot``, the curves to ``png`` (default
+    ``run_dir/report.png``).
+
+    The text needs nothing optional; the plot needs matplotlib: without it the PNG is skipped and ``note`` says how
+    to get it. Returns None (writing nothing) when the run has logged no metrics yet, so the trainer can call it
+    unconditionally at the end of a run.
     """
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return None
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():
         return None
@@ -215,6 +249,13 @@ def write_report(run_dir: str | Path) -> Path | None:
         records, config = load_run_metrics(run_dir)
     except DataError:  # an empty or unreadable metrics.jsonl: nothing to report
         return None
-    path = plot_metrics(records, run_dir / "report.png", title=str(run_dir))
-    (run_dir / "report.txt").write_text(summarise_run(records, config, run_dir) + "\n")
-    return path
+    summary = summarise_run(records, config, run_dir)
+    with atomic_path(run_dir / "report.txt", hidden=True) as tmp:
+        tmp.write_text(summary + "\n", encoding="utf-8")
+    report = Report(run_dir / "report.txt", summary, None)
+    if plot:
+        try:
+            report.plot = plot_metrics(records, png or run_dir / "report.png", title=str(run_dir))
+        except ImportError:
+            report.note = f"{Path(png or run_dir / 'report.png').name} not drawn: it {PLOT_HINT}"
+    return report

@@ -930,14 +930,16 @@ class Trainer:
         return float(self.counters.get("elapsed_s", 0.0)) + (time.perf_counter() - start if start else 0.0)
 
     def _finish(self) -> None:
-        """Last words of a completed run: the final accuracies and the report plot (when matplotlib is there)."""
+        """Last words of a completed run: the final accuracies, report.txt and the plot (said once when skipped)."""
         accs = "  ".join(f"{k}={v:.4f}" for k, v in self.last_eval.items() if k.startswith("acc/"))
         print(f"done: step {self.step}{'  ' + accs if accs else ''}  checkpoint {self.last_checkpoint}", flush=True)
         try:
             from timmface.report import write_report
 
-            write_report(self.output_dir)
-        except Exception as e:  # a plotting problem must not fail a finished run
+            report = write_report(self.output_dir)
+            if report is not None and report.note:
+                print(f"note: {report.note}", flush=True)
+        except Exception as e:  # a reporting problem must not fail a finished run
             warnings.warn(f"could not write the run report: {e}", stacklevel=2)
 
     def describe(self) -> str:

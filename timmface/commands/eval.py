@@ -254,7 +254,9 @@ def _evaluate_ijb(model: nn.Module, device: torch.device, args: argparse.Namespa
             save_roc_png(r, path, title=f"ROC on {set_name}")
             png = str(path)
         except ImportError:  # matplotlib is the optional extra timmface[plot]
-            print(f"note: no ROC plot for {set_name} (needs matplotlib: pip install 'timmface[plot]')")
+            from timmface.report import PLOT_HINT
+
+            print(f"note: no ROC plot for {set_name}: it {PLOT_HINT}")
         out[set_name] = {
             "root": str(args.ijb),
             "protocol": r.protocol,

@@ -1,4 +1,4 @@
-"""``timmface report RUN``: a PNG of the run's curves and a one-screen summary of ``metrics.jsonl``."""
+"""``timmface report RUN``: a one-screen summary of ``metrics.jsonl`` (``RUN/report.txt``) and a PNG of its curves."""
 
 from __future__ import annotations
 
@@ -12,22 +12,27 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN", help="run directory (holding metrics.jsonl)")
     parser.add_argument("--out", metavar="PNG", help="where to write the plot (default: RUN/report.png)")
-    parser.add_argument("--no-plot", action="store_true", help="print the summary only")
+    parser.add_argument("--no-plot", action="store_true", help="write and print the summary only (RUN/report.txt)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from timmface.report import load_run_metrics, plot_metrics, summarise_run
+    from timmface.errors import DataError
+    from timmface.report import load_run_metrics, write_report
 
     run_dir = Path(args.run_dir)
-    records, config = load_run_metrics(run_dir)
-    print(summarise_run(records, config, run_dir))
-    if args.no_plot:
-        return 0
-    out = Path(args.out) if args.out else run_dir / "report.png"
+    if run_dir.is_file():  # RUN/metrics.jsonl
+        run_dir = run_dir.parent
     try:
-        plot_metrics(records, out, title=str(run_dir))
-    except ImportError:
-        print("note: no plot written: it needs matplotlib (pip install 'timmface[plot]')", file=sys.stderr)
-        return 0
-    print(f"plot written to {out}")
+        report = write_report(run_dir, plot=not args.no_plot, png=args.out)
+    except OSError as e:
+        raise DataError(f"{run_dir}: cannot write the report ({e.strerror or type(e).__name__})") from None
+    if report is None:
+        load_run_metrics(run_dir)  # no (readable) metrics: raises the one-line error that says so
+        return 2
+    print(report.summary)
+    print(f"summary written to {report.text}")
+    if report.plot is not None:
+        print(f"plot written to {report.plot}")
+    if report.note:
+        print(f"note: {report.note}", file=sys.stderr)
     return 0

@@ -19,9 +19,9 @@ In this file, top to bottom: records (IRHeader payloads, dmlc framing), the inde
 dataset (:class:`RecordIODataset`) and the writer (:class:`RecordIOWriter`). Image decoding is not
 RecordIO's own: it lives in :mod:`timmface.data.image`, shared with every other format.
 
-The parsed index is cached as ``train.idx.npz`` next to the data (or under
-``$XDG_CACHE_HOME/timmface/idx/`` when the folder is read-only), keyed by the index file's size,
-mtime and a hash of its head and tail, so a changed ``train.idx`` is re-parsed.
+The parsed index is cached in timmface's cache folder (``idx/`` under ``$TIMMFACE_CACHE``, see
+:mod:`timmface.cache`; never in the dataset's own folder), keyed by the index's absolute path and checked
+against its size, mtime and a hash of its head and tail, so a changed ``train.idx`` is re-parsed.
 """
 
 from __future__ import annotations
@@ -188,18 +188,13 @@ def _idx_fingerprint(idx_path: Path) -> str:
     return f"v{_CACHE_VERSION}:{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()}"
 
 
-def _user_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "timmface" / "idx"
+def index_cache_path(idx_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the parsed index of ``idx_path`` is cached: ``cache_dir`` (default: ``idx/`` of
+    :func:`timmface.cache.cache_root`), under a hash of the index's absolute path."""
+    from timmface.cache import cache_root
 
-
-def index_cache_paths(idx_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Where the parsed index of ``idx_path`` is cached, in order of preference: next to the data
-    (``train.idx.npz``), then a per-user folder keyed by the index's absolute path."""
-    idx_path = Path(idx_path)
-    name = hashlib.blake2b(str(idx_path.resolve()).encode(), digest_size=12).hexdigest() + ".npz"
-    fallback = Path(cache_dir) / name if cache_dir is not None else _user_cache_dir() / name
-    return [idx_path.with_name(idx_path.name + ".npz"), fallback]
+    name = hashlib.blake2b(str(Path(idx_path).resolve()).encode(), digest_size=12).hexdigest() + ".npz"
+    return (Path(cache_dir) if cache_dir is not None else cache_root() / "idx") / name
 
 
 def _read_cache(path: Path, fingerprint: str) -> dict[str, np.ndarray] | None:
@@ -223,17 +218,15 @@ def _read_cache(path: Path, fingerprint: str) -> dict[str, np.ndarray] | None:
     return arrays
 
 
-def _write_cache(paths: list[Path], arrays: dict[str, np.ndarray]) -> Path | None:
-    """Write atomically (temporary file in the target folder, then rename) to the first writable path."""
-    for path in paths:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(path) as f:
-                np.savez(f, **arrays)
-            return path
-        except OSError:
-            continue
-    return None
+def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write atomically (temporary file in the target folder, then rename); a cache that cannot be written (a
+    read-only or full disk) is only a lost shortcut."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as f:
+            np.savez(f, **arrays)
+    except OSError:
+        pass
 
 
 def load_index(
@@ -244,34 +237,28 @@ def load_index(
     if not cache:
         return parse_idx(idx_path.read_bytes(), idx_path)
     fingerprint = _idx_fingerprint(idx_path)
-    paths = index_cache_paths(idx_path, cache_dir)
-    for path in paths:
-        hit = _read_cache(path, fingerprint)
-        if hit is not None and "keys" in hit and "offsets" in hit:
-            return hit["keys"].astype(np.int64, copy=False), hit["offsets"].astype(np.int64, copy=False)
+    path = index_cache_path(idx_path, cache_dir)
+    hit = _read_cache(path, fingerprint)
+    if hit is not None and "keys" in hit and "offsets" in hit:
+        return hit["keys"].astype(np.int64, copy=False), hit["offsets"].astype(np.int64, copy=False)
     keys, offsets = parse_idx(idx_path.read_bytes(), idx_path)
-    _write_cache(paths, {"fingerprint": np.array(fingerprint), "keys": keys, "offsets": offsets})
+    _write_cache(path, {"fingerprint": np.array(fingerprint), "keys": keys, "offsets": offsets})
     return keys, offsets
 
 
 def _update_cache(idx_path: Path, cache_dir: str | os.PathLike | None, extra: dict[str, np.ndarray]) -> None:
     """Add arrays (e.g. scanned labels) to the cache entry of ``idx_path``, if it is current."""
-    fingerprint = _idx_fingerprint(idx_path)
-    paths = index_cache_paths(idx_path, cache_dir)
-    for path in paths:
-        hit = _read_cache(path, fingerprint)
-        if hit is not None:
-            hit.update(extra)
-            _write_cache([path], hit)
-            return
+    path = index_cache_path(idx_path, cache_dir)
+    hit = _read_cache(path, _idx_fingerprint(idx_path))
+    if hit is not None:
+        hit.update(extra)
+        _write_cache(path, hit)
 
 
 def _cached_array(idx_path: Path, cache_dir: str | os.PathLike | None, name: str, stamp: str) -> np.ndarray | None:
-    fingerprint = _idx_fingerprint(idx_path)
-    for path in index_cache_paths(idx_path, cache_dir):
-        hit = _read_cache(path, fingerprint)
-        if hit is not None and name in hit and str(hit.get(name + "_stamp", "")) == stamp:
-            return hit[name]
+    hit = _read_cache(index_cache_path(idx_path, cache_dir), _idx_fingerprint(idx_path))
+    if hit is not None and name in hit and str(hit.get(name + "_stamp", "")) == stamp:
+        return hit[name]
     return None
 
 

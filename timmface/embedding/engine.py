@@ -38,6 +38,7 @@ from timmface.embedding.cache import (
 )
 from timmface.embedding.files import write_embeddings
 from timmface.errors import CorruptRecordError, DataError
+from timmface.progress import CountProgress
 
 __all__ = ["FillReport", "build_cache", "embed_batch", "embed_to_file", "fill_embeddings"]
 
@@ -165,48 +166,6 @@ class FillReport:
     seconds: float = 0.0
 
 
-class _Progress:
-    """A rich progress bar on a terminal; on a pipe or a log file (a batch job), one plain line every ``every`` s."""
-
-    def __init__(self, enabled: bool, total: int, done: int, label: str, every: float = 30.0) -> None:
-        import sys
-
-        self.total, self.done, self.label, self.every = total, done, label, every
-        self.mode = ("rich" if sys.stdout.isatty() else "plain") if enabled else "off"
-        self.t0 = self.last = time.perf_counter()
-        self.start = done
-        self._bar: Any = None
-        if self.mode == "rich":
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(
-                TextColumn(f"[bold]{label}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[rate]}"),
-            )
-            self._task = self._bar.add_task(label, total=total, completed=done, rate="")
-            self._bar.start()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        rate = (self.done - self.start) / max(now - self.t0, 1e-9)
-        if self._bar is not None:
-            self._bar.update(self._task, completed=self.done, rate=f"{rate:.0f} img/s")
-        elif self.mode == "plain" and (now - self.last >= self.every or self.done >= self.total):
-            self.last = now
-            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            print(f"{self.label}: {self.done}/{self.total} ({100 * self.done / self.total:.1f}%), {rate:.0f} img/s, "
-                  f"eta {eta / 60:.1f} min", flush=True)  # fmt: skip
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
-
-
 def _checked_rows(rows: Tensor, dtype: str, indices: np.ndarray, out: Path) -> np.ndarray:
     """``rows`` in the file's dtype; DataError if a value is not finite there (float16 overflows above 65504)."""
     arr = rows.cpu().numpy().astype(DTYPES[dtype])
@@ -289,7 +248,7 @@ def fill_embeddings(
         todo = existing.missing()
     report = FillReport(out, n, skipped=n - len(todo))
     writer = RowWriter(out, header)
-    bar = _Progress(progress and len(todo) > 0, n, n - len(todo), label)
+    bar = CountProgress(label, n, n - len(todo), enabled=progress and len(todo) > 0)
     try:
         for indices, images, bad in _batches(dataset, todo, image_size, batch_size, num_workers):
             report.bad.extend(bad)
@@ -359,6 +318,15 @@ def build_cache(
 # --------------------------------------------------------------------------------------------------
 
 
+def nothing_read(report: FillReport) -> str:
+    """``0 of N images could be read (first: KEY: why)``, for a run that embedded nothing."""
+    first = ""
+    if report.bad:
+        _, key, why = report.bad[0]
+        first = f" (first: {key}: {why})"
+    return f"0 of {report.num_records} images could be read{first}"
+
+
 def embed_to_file(
     model: nn.Module,
     dataset: Dataset,
@@ -401,6 +369,9 @@ def embed_to_file(
         done = np.flatnonzero(store.done)
         missing = store.missing()
         emb = store.rows(done)[:, 0].astype(np.float32)
+    if not len(done):  # an empty file would look like a result: say so, and leave nothing behind
+        partial.unlink(missing_ok=True)
+        raise DataError(f"{out}: nothing written: {nothing_read(report)}")
     if normalize:
         emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     keys = np.asarray(getattr(dataset, "keys", np.arange(len(dataset))))  # type: ignore[arg-type]

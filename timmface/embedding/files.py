@@ -6,7 +6,6 @@ as UTF-8) and labels; :func:`read_embeddings` reads either format back. Each fil
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 
 from timmface.embedding.cache import FORMAT
 from timmface.errors import DataError
+from timmface.fileio import atomic_path
 
 __all__ = ["read_embeddings", "write_embeddings"]
 
@@ -42,12 +42,8 @@ def write_embeddings(
     written: list[Path] = []
 
     def atomic(path: Path, write: Callable[[Path], None]) -> None:
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
+        with atomic_path(path, hidden=True) as tmp:  # (safetensors would create it 0600; outputs get the usual mode)
             write(tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         written.append(path)
 
     if out.suffix == ".safetensors":

@@ -405,8 +405,10 @@ def embed_ijb_images(
     flip: bool = True,
     batch_size: int = 256,
     num_workers: int = 4,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Embed every aligned image (and, with ``flip``, add the embedding of its mirror).
+    """Embed every aligned image (and, with ``flip``, add the embedding of its mirror); ``progress(images done,
+    images)`` is called after every batch.
 
     Returns:
         ``feats`` float32 (N, D) on the CPU (zeros for failed images) and ``ok`` bool (N,).
@@ -423,8 +425,12 @@ def embed_ijb_images(
     n = len(dataset)
     feats: Tensor | None = None
     ok_all = torch.zeros(n, dtype=torch.bool)
+    done = 0
     for step, (images, ok, index) in enumerate(loader):
         ok_all[index] = ok
+        done += len(index)
+        if progress is not None:
+            progress(done, n)
         if step % 100 == 0:
             log.info("embedding IJB images: %d / %d", int(index[0]), n)
         if not ok.any():
@@ -821,6 +827,7 @@ def evaluate_ijb(
     num_workers: int = 4,
     device: torch.device | str | None = None,
     fars: Sequence[float] = FARS,
+    progress: Callable[[int, int], None] | None = None,
 ) -> IJBResult:
     """Run the IJB-B / IJB-C 1:1 verification protocol end to end.
 
@@ -835,6 +842,7 @@ def evaluate_ijb(
         batch_size: images per DataLoader batch (and per ``embed_fn`` call; twice with flip).
         num_workers: DataLoader processes that decode and align.
         device: for the pair scoring and a wrapped module (default CUDA when available).
+        progress: called as ``progress(images embedded, images)`` after every batch.
 
     Raises:
         DataError: bad metadata (see :func:`load_ijb_meta`) or no decodable image at all.
@@ -844,7 +852,9 @@ def evaluate_ijb(
         embed_fn = make_embed_fn(embed_fn, device=device, batch_size=batch_size)
     meta = load_ijb_meta(root, set_name, meta_dir)
     dataset = IJBAlignedDataset(meta.image_dir, meta.names, meta.landmarks, proto.interpolation)
-    feats, ok = embed_ijb_images(dataset, embed_fn, flip=proto.flip, batch_size=batch_size, num_workers=num_workers)
+    feats, ok = embed_ijb_images(
+        dataset, embed_fn, flip=proto.flip, batch_size=batch_size, num_workers=num_workers, progress=progress
+    )
     if not bool(ok.all()):
         log.warning("%s: %d of %d images failed to decode", meta.image_dir, int((~ok).sum()), len(ok))
     return verify_templates(meta, feats, ok, proto, device=device, fars=fars)

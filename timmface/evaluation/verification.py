@@ -12,7 +12,7 @@ normalising.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,12 +158,15 @@ def embed_pairs(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     image_size: int = 112,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Tensor:
-    """Embeddings (float32, CPU) of a list of JPEG/PNG byte strings (resized to ``image_size``), in order."""
-    out = [
-        embed_uint8(model, batch, flip=flip, amp_dtype=amp_dtype, channels_last=channels_last).cpu()
-        for batch in _decode_batches(images, batch_size, image_size)
-    ]
+    """Embeddings (float32, CPU) of a list of JPEG/PNG byte strings (resized to ``image_size``), in order.
+    ``progress(done, total)`` is called after every batch."""
+    out = []
+    for batch in _decode_batches(images, batch_size, image_size):
+        out.append(embed_uint8(model, batch, flip=flip, amp_dtype=amp_dtype, channels_last=channels_last).cpu())
+        if progress is not None:
+            progress(sum(len(o) for o in out), len(images))
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -176,16 +179,18 @@ def evaluate_bin(
     channels_last: bool = False,
     n_folds: int = 10,
     image_size: int = 112,
+    progress: Callable[[int, int], None] | None = None,
 ) -> VerificationResult:
     """Verification accuracy of ``model`` (eval mode, float [-1,1] RGB input) on a ``.bin`` set whose
-    images are resized to ``image_size`` when they differ (the published sets are all 112x112)."""
+    images are resized to ``image_size`` when they differ (the published sets are all 112x112).
+    ``progress(images embedded, images)`` is called after every batch."""
     from timmface.data.bin import read_bin
 
     images, issame = read_bin(path)
     was_training = model.training
     model.eval()
     try:
-        emb = embed_pairs(model, images, batch_size, flip, amp_dtype, channels_last, image_size)
+        emb = embed_pairs(model, images, batch_size, flip, amp_dtype, channels_last, image_size, progress)
     finally:
         model.train(was_training)
     return verification_metrics(emb[0::2], emb[1::2], issame, n_folds)
