@@ -41,6 +41,7 @@ def test_every_output_gets_the_umask_permissions(tmp_path: Path, monkeypatch):
         steps = [
             ["train", *tiny_run_args(data, tmp_path / "run")],
             ["report", str(tmp_path / "run")],
+            ["distill", "--teacher", str(run), *tiny_run_args(data, tmp_path / "drun", "distill.centres=init")],
             ["export", str(run), "--out", str(tmp_path / "hub")],
             ["embed", "--model", str(run), "--data", str(data), "--out", str(tmp_path / "e.safetensors")],
             ["embed", "--model", str(run), "--data", str(faces), "--out", str(tmp_path / "e.npy")],
@@ -59,7 +60,7 @@ def test_every_output_gets_the_umask_permissions(tmp_path: Path, monkeypatch):
     modes = _modes(tmp_path, before)
     expected_file, expected_dir = oct(0o666 & ~UMASK), oct(0o777 & ~UMASK)
     wrong = {p: m for p, m in modes.items() if m != (expected_dir if (tmp_path / p).is_dir() else expected_file)}
-    for must in ("hub/model.safetensors", "e.safetensors", "e.npy", "e.tfemb", "ev.json", "run/report.txt",
+    for must in ("hub/model.safetensors", "drun/teacher_centres.safetensors", "e.safetensors", "e.npy", "e.tfemb", "ev.json", "run/report.txt",
                  "run/metrics.jsonl", "packed/train.rec", "shards/s-000000.tar", "merged.pt", "hub"):  # fmt: skip
         assert must in modes, must
     assert not wrong, f"expected files {expected_file}, folders {expected_dir}: {wrong}"

@@ -24,6 +24,7 @@ from timmface.distill.terms import (
     float32_math,
 )
 from timmface.errors import ConfigError, DataError
+from timmface.fileio import atomic_path, atomic_write
 from timmface.trainer import Trainer
 
 __all__ = ["DistillTrainer"]
@@ -269,9 +270,8 @@ class DistillTrainer(Trainer):
             world_size=self.world.world_size,
         ).cpu()
         if self.is_main:
-            tmp = path.with_suffix(".tmp")
-            save_file({"centres": centres.contiguous()}, str(tmp), metadata=meta)
-            tmp.replace(path)
+            with atomic_path(path, hidden=True) as tmp:  # (safetensors alone would create it 0600)
+                save_file({"centres": centres.contiguous()}, str(tmp), metadata=meta)
             (self.output_dir / "teacher_centres.json").write_text(json.dumps(meta, indent=1))
         return centres
 
@@ -379,9 +379,8 @@ class DistillTrainer(Trainer):
             results[f"teacher_acc/{Path(val).stem}"] = res.accuracy
             results[f"teacher_acc_std/{Path(val).stem}"] = res.std
         if self.is_main:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"key": key, "results": results}, indent=1))
-            tmp.replace(path)
+            with atomic_write(path, hidden=True) as f:
+                f.write(json.dumps({"key": key, "results": results}, indent=1).encode())
         return results
 
     def describe(self) -> str:
