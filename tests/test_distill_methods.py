@@ -699,3 +699,22 @@ def test_ddp_ekd_memory_and_replicated_adadistill_keep_the_ranks_identical(
     for k in r0["backbone"]:
         assert torch.equal(r0["backbone"][k], r1["backbone"][k]), k
     assert torch.equal(r0["memory"], r1["memory"])
+
+
+def test_report_shows_the_transfer_and_the_teacher_beside_the_student(tmp_path):
+    from timmface.report import loss_terms, plot_metrics, summarise_run
+
+    records = [
+        {"step": 1, "loss": 9.0, "margin": 8.0, "kd_feature": 0.5, "distill/cos_st": 0.21, "distill/alpha": 0.1},
+        {"step": 2, "loss": 7.0, "margin": 6.5, "kd_feature": 0.3, "distill/cos_st": 0.43, "distill/alpha": 0.2},
+        {"step": 2, "acc/toy_val": 0.80, "acc_std/toy_val": 0.02},
+        {"step": 2, "teacher_acc/toy_val": 0.95, "teacher_acc_std/toy_val": 0.01},
+    ]
+    assert loss_terms(records) == ["loss", "margin", "kd_feature"]  # diagnostics are not loss terms
+    text = summarise_run(records, {"eval_flip": True})
+    assert "student-teacher cosine (step 2): 0.4300" in text
+    header, row = [line for line in text.splitlines() if "toy_val" in line or "teacher" in line][-2:]
+    assert header.split()[-1] == "teacher" and row.split()[-3:] == ["95.00", "±", "1.00"]
+    assert "80.00" in row
+    pytest.importorskip("matplotlib")
+    assert plot_metrics(records, tmp_path / "r.png").stat().st_size > 0
