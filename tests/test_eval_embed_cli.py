@@ -70,6 +70,14 @@ def test_eval_of_a_run_without_val_sets_says_what_to_give(tmp_path: Path, capsys
     assert "--bins" in err and str(data) in err  # where it looked, and what to pass
 
 
+def test_eval_of_a_bin_with_too_few_pairs_is_one_line(tmp_path: Path, capsys):
+    run = fake_run(tmp_path / "run")
+    small = hard_bin(tmp_path / "small.bin", pairs=6)
+    assert main(["eval", "--model", str(run), "--bins", str(small)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"timmface eval: error: {small}: holds 6 pairs; 10-fold evaluation needs at least 10\n"
+
+
 # ------------------------------------------------------------------------------ item 11: embedding nothing
 
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from timmface.errors import DataError
+
 __all__ = [
     "THRESHOLDS",
     "kfold_indices",
@@ -187,6 +189,8 @@ def evaluate_bin(
     from timmface.data.bin import read_bin
 
     images, issame = read_bin(path)
+    if len(issame) < n_folds:
+        raise DataError(f"{path}: holds {len(issame)} pairs; {n_folds}-fold evaluation needs at least {n_folds}")
     was_training = model.training
     model.eval()
     try:
