@@ -452,7 +452,9 @@ def test_torchrun_sigkill_then_resume(tmp_path: Path):
 
     # one process from the 2-rank checkpoint: same step, the centres are the saved shards, it trains on
     path, ckpt = load_resume(str(tmp_path / "b"), tmp_path / "b")
-    one = Trainer(load_config(None, [*_args(data, tmp_path / "one", *extra), f"resume={path}", "total_steps=56"]))
+    # 32 more steps on the schedule of a 56-step run (the default, continue, would stay at the finished run's final lr)
+    longer = [f"resume={path}", "total_steps=56", "optim.resume_schedule=recompute"]
+    one = Trainer(load_config(None, [*_args(data, tmp_path / "one", *extra), *longer]))
     assert one.step == 24
     rows = [load_checkpoint(shard_path(tmp_path / "b", 24, r, 2))["head_rows"]["weight"] for r in range(2)]
     torch.testing.assert_close(one.sharded_head.weight.detach(), torch.cat(rows), rtol=0, atol=0)

@@ -31,6 +31,7 @@ __all__ = [
     "broadcast_object",
     "all_reduce_max",
     "all_reduce_sum_",
+    "average_running_stats_",
     "is_peer_failure",
     "first_line",
 ]
@@ -168,6 +169,34 @@ def all_reduce_sum_(tensor: Tensor) -> Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+RUNNING_STATS = ("running_mean", "running_var")
+
+
+def average_running_stats_(*modules: torch.nn.Module) -> int:
+    """Average the BatchNorm running statistics of ``modules`` over all ranks, in place; returns how many
+    buffers were averaged (0 for a single process or a model without BatchNorm).
+
+    Under DDP without buffer broadcasts every rank's statistics follow its own share of the data; before an
+    evaluation or a checkpoint they are made one set, the mean over ranks (timm's ``distribute_bn`` with
+    ``reduce``: W times the samples behind each estimate, and what every rank then evaluates and rank 0
+    saves). One all-reduce for all buffers. ``num_batches_tracked`` is the same on every rank.
+    """
+    if not is_distributed():
+        return 0
+    buffers = [
+        b for m in modules for name, b in m.named_buffers() if name.rsplit(".", 1)[-1] in RUNNING_STATS
+    ]  # fmt: skip
+    if not buffers:
+        return 0
+    flat = torch.cat([b.detach().reshape(-1).double() for b in buffers])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    with torch.no_grad():
+        for b, part in zip(buffers, flat.split([b.numel() for b in buffers])):
+            b.copy_(part.view_as(b))
+    return len(buffers)
 
 
 def all_gather_concat(tensor: Tensor) -> Tensor:

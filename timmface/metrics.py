@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f}min" if math.isfinite(seconds) else "?"
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
@@ -108,44 +113,83 @@ def _fmt(v: Any) -> str:
 
 
 class Progress:
-    """A rich progress bar on an interactive terminal, plain periodic lines otherwise."""
+    """A rich progress bar on an interactive terminal, plain periodic lines otherwise.
 
-    def __init__(self, total: int, start: int = 0, mode: str = "auto", enabled: bool = True) -> None:
+    The ETA counts the evaluations still to come: training time per step (evaluation time left out) times
+    the steps left, plus the evaluations left times the duration of the last one (before the first, the
+    estimate the trainer measured on a few images with :meth:`set_eval_estimate`). ``eval_every``: ``None``
+    = no evaluation, ``0`` = only at the end, else every that many steps and at the end (the trainer's
+    schedule). ``clock`` is for tests.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        start: int = 0,
+        mode: str = "auto",
+        enabled: bool = True,
+        eval_every: int | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         if mode == "auto":
             mode = "rich" if sys.stdout.isatty() else "plain"
         self.mode = mode if enabled else "off"
         self.total, self.start_step = total, start
-        self.t0 = time.perf_counter()
+        self.clock = clock
+        self.t0 = clock()
+        self.eval_every = eval_every
+        self.eval_seconds = 0.0  # spent evaluating since t0: not training time
+        self.eval_cost: float | None = None  # seconds per evaluation: the estimate, then the last measured
+        self.last_eval_step = start  # a resumed run's evaluation at its start step happened before it stopped
         self._bar = None
         if self.mode == "rich":
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
             from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(
                 TextColumn("[bold]train"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TimeRemainingColumn(),
+                TextColumn("eta {task.fields[eta]}"),
                 TextColumn("{task.fields[info]}"),
             )
-            self._task = self._bar.add_task("train", total=total, completed=start, info="")
+            self._task = self._bar.add_task("train", total=total, completed=start, info="", eta="?")
             self._bar.start()
+
+    def set_eval_estimate(self, seconds: float) -> None:
+        """Seconds one evaluation is expected to take, until one has been timed."""
+        if self.eval_cost is None or self.last_eval_step == self.start_step:
+            self.eval_cost = seconds
+
+    def eval_done(self, step: int, seconds: float) -> None:
+        """The evaluation at ``step`` took ``seconds``."""
+        self.eval_seconds += seconds
+        self.eval_cost = seconds
+        self.last_eval_step = step
+
+    def evals_left(self, step: int) -> int:
+        """Evaluations at steps ``step .. total`` that have not run yet."""
+        every, lo, hi = self.eval_every, max(step, self.last_eval_step + 1), self.total
+        if every is None or lo > hi:
+            return 0
+        if every <= 0:
+            return 1
+        return hi // every - (lo - 1) // every + (1 if hi % every else 0)
 
     def eta(self, step: int) -> float:
         done = step - self.start_step
         if done <= 0:
             return float("nan")
-        return (time.perf_counter() - self.t0) / done * (self.total - step)
+        per_step = max(0.0, self.clock() - self.t0 - self.eval_seconds) / done
+        return per_step * (self.total - step) + (self.eval_cost or 0.0) * self.evals_left(step)
 
     def update(self, step: int, values: dict[str, Any], emit: bool) -> None:
         if self.mode == "rich" and self._bar is not None:
             info = "  ".join(f"{k} {_fmt(v)}" for k, v in values.items())
-            self._bar.update(self._task, completed=step, info=info)
+            self._bar.update(self._task, completed=step, info=info, eta=_minutes(self.eta(step)))
         elif self.mode == "plain" and emit:
-            eta = self.eta(step)
-            eta_s = f"{eta / 60:.1f}min" if math.isfinite(eta) else "?"
             items = "  ".join(f"{k}={_fmt(v)}" for k, v in values.items())
-            print(f"step {step}/{self.total}  {items}  eta={eta_s}", flush=True)
+            print(f"step {step}/{self.total}  {items}  eta={_minutes(self.eta(step))}", flush=True)
 
     def message(self, text: str) -> None:
         if self.mode == "rich" and self._bar is not None:

@@ -11,6 +11,7 @@ periodic evaluation on ``.bin`` sets. Device choice, seeding, RNG state and comp
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -43,7 +44,7 @@ from timmface.checkpoint import (
 )
 from timmface.config import Config, DemoConfig, diff_configs, save_config
 from timmface.data.batch import Batch, DeviceNormalizer
-from timmface.data.gpu_decode import check_gpu_decode, resolve_decode_device
+from timmface.data.gpu_decode import check_gpu_decode, probe_decode, resolve_decode_device
 from timmface.data.loader import build_dataset, build_train_loader, dataset_num_classes
 from timmface.data.transforms import build_transform
 from timmface.ema import EMA
@@ -238,10 +239,8 @@ class Trainer:
             raise DataError(f"{path}: found {self.num_classes} classes; margin losses need at least 2")
         transform = build_transform(cfg.data.augmentations)
         self.has_augmentations = transform is not None
-        decode_device = resolve_decode_device(cfg.data.decode, self.device)
-        if decode_device is not None:
-            check_gpu_decode(decode_device, transform, cfg.data.image_size)
-        self.loader = build_train_loader(
+        build = functools.partial(
+            build_train_loader,
             self.dataset,
             cfg.batch_size,
             rank=self.world.rank,
@@ -252,10 +251,10 @@ class Trainer:
             transform=transform,
             num_workers=cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
-            prefetch_factor=cfg.data.prefetch_factor,
             image_size=cfg.data.image_size,
-            decode_device=decode_device,
         )
+        decode_device = self._decode_device(build, transform)
+        self.loader = build(decode_device=decode_device, prefetch_factor=cfg.data.prefetch_factor)
         self.to_device = DeviceNormalizer(self.device, cfg.model.channels_last)
         if cfg.data.val_sets:
             from timmface.hub import data_file
@@ -268,6 +267,30 @@ class Trainer:
             folder = Path(path)
             self.val_sets = sorted(folder.glob("*.bin")) if folder.is_dir() else []
         self._val_cache: dict[Path, tuple[list[bytes], list[bool]]] = {}
+
+    def _decode_device(self, build: Callable[..., Any], transform: Callable | None) -> torch.device | None:
+        """``data.decode``: ``None`` (the workers decode on the CPU) or the device that decodes. ``auto`` on CUDA
+        times both loaders (:func:`~timmface.data.gpu_decode.probe_decode`) and keeps the faster; rank 0's
+        choice holds for every rank, and a line says what was measured."""
+        cfg = self.cfg
+        device = resolve_decode_device(cfg.data.decode, self.device)
+        auto = cfg.data.decode == "auto"
+        if device is None:
+            return None
+        try:
+            check_gpu_decode(device, transform, cfg.data.image_size)
+        except ConfigError as e:
+            if not auto:
+                raise
+            if self.is_main:
+                print(f"data.decode=auto: GPU decoding is not possible here ({e}): using cpu", flush=True)
+            return None
+        if not auto:
+            return device
+        choice, line = probe_decode(build, device, cfg.data.num_workers)
+        if self.is_main:
+            print(line, flush=True)
+        return device if tdist.broadcast_object(choice is not None) else None
 
     def _demo_path(self) -> str:
         """The built-in demo data, generated on first use (by rank 0; the others wait, then read it)."""
@@ -895,6 +918,7 @@ class Trainer:
         """Every rank agreed to stop after this step: save it (unless just saved), say how to go on, raise."""
         stopper.drain()
         if self.last_checkpoint != checkpoint_path(self.output_dir, self.step):
+            self._catch_up()  # sync-free steps: their non-finite flags are counted before the checkpoint holds them
             self.save()
         command = "distill" if self.uses_teacher else "train"
         launcher = " (under torchrun or srun, launched as before)" if self.world.distributed else ""

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from timmface.data.batch import Batch, BatchBuilder, SlotPool, Wire, empty_batch, micro_batch_size, pass_batch
 from timmface.data.image import decode_rgb, resize_uint8
 from timmface.errors import ConfigError, CorruptRecordError, DataError, TimmfaceError
+from timmface.stopping import ignore_stop_signals
 
 __all__ = [
     "GlobalBatchSampler",
@@ -425,6 +426,7 @@ class TrainLoader:
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
+            kwargs["worker_init_fn"] = ignore_stop_signals  # the trainer decides what a Ctrl-C or SIGTERM does
         dataset: Dataset
         sampler: Any = self.sampler
         if self.per_sample:
@@ -446,6 +448,10 @@ class TrainLoader:
             pin_memory=self.pin_memory and self.decoder is None,
             **kwargs,
         )
+        if self.decoder is not None:  # decoded by a thread, a few batches ahead (its own CUDA stream)
+            from timmface.data.gpu_decode import DecodeAhead
+
+            return DecodeAhead(iter(loader), self.decoder)
         return iter(loader)
 
     def __iter__(self) -> TrainLoader:
@@ -464,10 +470,10 @@ class TrainLoader:
             batch = batch.to_batch()
         if batch.error is not None:
             raise batch.error
-        return self.decoder(batch) if self.decoder is not None else batch
+        return batch
 
     def state_dict(self) -> dict[str, int]:
-        """Position of the next global batch to be *consumed* (workers may have read ahead)."""
+        """Position of the next global batch to be *consumed* (workers and the decoding thread read ahead)."""
         steps = self._consumed_micro // self.sampler.grad_accum
         epoch, batch = getattr(self, "_start", (self.sampler.epoch, self.sampler.batch))
         total = epoch * self.sampler.batches_per_epoch + batch + steps
@@ -481,7 +487,9 @@ class TrainLoader:
 
     def close(self) -> None:
         it, self._iter = self._iter, None
-        if it is not None and hasattr(it, "_shutdown_workers"):
+        if it is not None and hasattr(it, "close"):  # DecodeAhead: its thread, then the workers
+            it.close()
+        elif it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
 
     @property

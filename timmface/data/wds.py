@@ -61,6 +61,7 @@ from timmface.data.batch import Batch, BatchBuilder, Wire, micro_batch_size, pas
 from timmface.data.image import decode_image_bytes, decode_rgb
 from timmface.errors import ConfigError, CorruptRecordError, DataError
 from timmface.fileio import atomic_write
+from timmface.stopping import ignore_stop_signals
 
 PREFIX = "wds://"
 META = "meta.json"
@@ -403,6 +404,7 @@ class WebDatasetLoader:
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
+            kwargs["worker_init_fn"] = ignore_stop_signals  # the trainer decides what a Ctrl-C or SIGTERM does
         loader = DataLoader(
             stream,
             batch_size=None,
