@@ -686,7 +686,8 @@ class Trainer:
         # one all-reduce: every rank logs the global batch's means, and all agree on a non-finite loss
         keys = sorted(sums)
         norm_all = torch.cat(norms).float()
-        logged = torch.stack([*(sums[k] for k in keys), norm_all.sum(), norm_all.new_tensor(norm_all.numel())])
+        # (new_full: a fill kernel; new_tensor would copy a host number and wait for the device)
+        logged = torch.stack([*(sums[k] for k in keys), norm_all.sum(), norm_all.new_full((), norm_all.numel())])
         tdist.all_reduce_sum_(logged)
         logged[: len(keys)] /= self.world.world_size
         skip = ~torch.isfinite(logged[keys.index("loss")])
@@ -930,20 +931,20 @@ class Trainer:
 
     def _estimate_eval_seconds(self, probe: int = 32) -> float:
         """Seconds one evaluation should take, for the ETA before the first one is timed: embed ``probe`` images
-        of the first set (after a warm-up of two), scaled to every set's images split over the ranks. Eval mode,
-        no gradient: no state or random number is touched."""
+        of the first set twice (the first pass warms up), scaled to every set's images split over the ranks.
+        Eval mode, no gradient: no state or random number is touched."""
         images = [self._read_val(p)[0] for p in self.val_sets]
-        sample = images[0][: probe + 2]
-        if len(sample) < 3:
+        sample = images[0][:probe]
+        if not sample:
             return 0.0
         backbone = self.eval_backbone()
         was_training = backbone.training
         backbone.eval()
         try:
-            self._embed_local(backbone, sample[:2])
+            self._embed_local(backbone, sample)
             t0 = time.perf_counter()
-            self._embed_local(backbone, sample[2:])
-            per_image = (time.perf_counter() - t0) / (len(sample) - 2)
+            self._embed_local(backbone, sample)
+            per_image = (time.perf_counter() - t0) / len(sample)
         finally:
             backbone.train(was_training)
         return per_image * sum(len(x) for x in images) / self.world.world_size
