@@ -3,6 +3,8 @@
     python benchmarks/gpu_throughput.py                     # on a GPU machine: batch 768, bf16, torch.compile
     python benchmarks/gpu_throughput.py --teacher iresnet100 --steps 30
     python benchmarks/gpu_throughput.py --cpu-smoke         # seconds on a CPU: catches errors, measures nothing
+    python benchmarks/gpu_throughput.py --e2e               # the real trainer end to end against this ceiling,
+                                                            # one table (benchmarks/gpu_e2e.py; ~8 min on an H200)
 
 One line per configuration: images/s of full optimiser steps (forward, margin loss over the class
 centres, backward, AdamW) and the peak GPU memory of the timed steps. Students: ViT/Ti-8
@@ -79,7 +81,8 @@ def build_teacher(arch: str, device: torch.device, compile_: bool) -> Callable[[
     try:  # the trainer's way of running a teacher, when the package has it
         from teachers import TeacherWrapper
 
-        return TeacherWrapper(net, dtype="bfloat16", compile=compile_)
+        # as a distillation run has it: channels-last on CUDA, bf16 trunk + fp32 head (teachers.online_teacher)
+        return TeacherWrapper(net, dtype="bfloat16", channels_last=device.type == "cuda", compile=compile_)
     except ImportError:
         run = torch.compile(net) if compile_ else net
 
@@ -139,6 +142,11 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--e2e" in argv:  # the end-to-end table: benchmarks/gpu_e2e.py takes the other arguments
+        from gpu_e2e import main as e2e
+
+        return e2e([a for a in argv if a != "--e2e"])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
     p.add_argument("--teacher", default="iresnet50", choices=list(IRESNET_LAYERS), help="the online teacher")

@@ -105,20 +105,17 @@ class DistillTrainer(Trainer):
         self.memory = TeacherMemory(dc.memory_size, self.teacher_dim, self.device) if dc.memory_size > 0 else None
         self._teacher_eval: dict[str, float] | None = None
         if self.is_main:
-            src = f"cache {dc.cache}" if self.cache is not None else f"teacher {dc.teacher} (online)"
+            online = f"teacher {dc.teacher} (online: {self.teacher.describe()})" if self.teacher is not None else ""
+            src = f"cache {dc.cache}" if self.cache is not None else online
             print(f"distillation from {src}: {self.teacher_dim}-d embeddings", flush=True)
 
     def _load_teacher_module(self) -> nn.Module:
-        from teachers import TeacherWrapper, load_teacher
+        from teachers import load_teacher, online_teacher
 
         dc = self.cfg.distill
         module = load_teacher(dc.teacher, arch=dc.teacher_arch or None)
-        dtype = dc.teacher_dtype
-        if self.device.type == "cpu" and dtype == "float16":
-            dtype = "float32"  # fp16 convolutions are not implemented on every CPU
-        return TeacherWrapper(
-            module, dtype=dtype, channels_last=self.cfg.model.channels_last, compile=dc.teacher_compile
-        ).to(self.device)
+        # compile=auto: on CUDA; a convolutional teacher channels-last on CUDA; low precision for the trunk only
+        return online_teacher(module, self.device, dc.teacher_dtype, dc.teacher_compile, self.cfg.model.channels_last)
 
     def _check_dims(self) -> None:
         """Combinations that need the teacher's embedding size (the rest: :func:`timmface.config.validate`)."""
@@ -149,7 +146,7 @@ class DistillTrainer(Trainer):
             teacher = self.cache.lookup(batch.indices.numpy(), batch.flips).to(self.device, non_blocking=True)
         else:
             teacher = self.teacher(images)
-        labels = batch.labels.to(self.device)
+        labels = batch.labels.to(self.device, non_blocking=True)  # a blocking copy would wait for the device
         if getattr(self, "_centre_batches", None) is not None:
             self._centre_batches.append((labels, teacher))
         out: dict[str, Any] = {"teacher": teacher}
