@@ -110,8 +110,9 @@ def test_bin_accuracy_equals_evaluate_bin_on_the_ema_weights(run: Path, data: Pa
     printed = capsys.readouterr().out
     res = json.loads(out.read_text())
     entry = res["bins"]["hard"]
-    ema = evaluate_bin(backbone_of(run, "ema"), data / "hard.bin")
-    live = evaluate_bin(backbone_of(run, "model"), data / "hard.bin")
+    # a run's sets are resized to its data.image_size (32 here), as its in-training evaluation does
+    ema = evaluate_bin(backbone_of(run, "ema"), data / "hard.bin", image_size=32)
+    live = evaluate_bin(backbone_of(run, "model"), data / "hard.bin", image_size=32)
     assert _json_result(entry) == _result(ema)
     assert _result(live) != _result(ema)  # the test can tell which weights were used
     assert entry["fold_accuracies"] == ema.fold_accuracies
@@ -129,8 +130,8 @@ def test_no_flip_differs_from_flip_and_equals_a_direct_no_flip_evaluation(run: P
     res = json.loads((run / "eval.json").read_text())  # default: next to the model
     entry = res["bins"]["hard"]
     model = backbone_of(run)
-    no_flip = evaluate_bin(model, data / "hard.bin", flip=False)
-    flip = evaluate_bin(model, data / "hard.bin", flip=True)
+    no_flip = evaluate_bin(model, data / "hard.bin", flip=False, image_size=32)
+    flip = evaluate_bin(model, data / "hard.bin", flip=True, image_size=32)
     assert _json_result(entry) == _result(no_flip)
     assert _result(no_flip) != _result(flip)
     assert entry["protocol"] == "insightface 10-fold, no flip (timm-face)" and entry["flip"] is False
@@ -152,7 +153,7 @@ def test_a_checkpoint_file_and_a_timm_hub_folder(run: Path, data: Path, tmp_path
     ckpt = next((run / "checkpoints").glob("step_*.pt"))
     assert main(["eval", "--model", str(ckpt), "--bins", str(data / "hard.bin")]) == 0
     by_file = json.loads(ckpt.with_name(ckpt.stem + ".eval.json").read_text())["bins"]["hard"]
-    assert _json_result(by_file) == _result(evaluate_bin(backbone_of(run), data / "hard.bin"))
+    assert _json_result(by_file) == _result(evaluate_bin(backbone_of(run), data / "hard.bin", image_size=32))
 
     # any teacher format goes through teachers.load_teacher: here a timm hub folder
     hub = tmp_path / "hub"
