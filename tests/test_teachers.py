@@ -508,4 +508,4 @@ def test_cli_inspect_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFix
     bad.write_bytes(b"\x00" * 10)
     assert main(["teachers", "inspect", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("timmface teachers: error:") and "\n" not in err and "supported:" in err
+    assert err.startswith("timmface teachers inspect: error:") and "\n" not in err and "supported:" in err
