@@ -72,7 +72,7 @@ class Settings:
     batch: int = 768
     workers: int = 12
     few_workers: int = 4
-    steps: int = 200
+    steps: int = 160
     log_every: int = 20
     measure_from: int = 60
     teacher_depth: str = "iresnet50"
@@ -525,11 +525,6 @@ class Bench:
             "teacher": str(self.teacher), "device": s.device, "batch": s.bare_batch or s.batch, "iters": s.bare_iters,
             "image_size": 112, "compile": s.compile, "low": s.teacher_dtype,
         }, 60)  # fmt: skip
-        self.cache_rows(teacher)
-        if on_gpu:
-            self.train_row("decode_gpu", f"data.decode=gpu, {s.workers} workers", "train", ["data.decode=gpu"])
-        else:
-            self.rows["decode_gpu"] = Row("decode_gpu", "data.decode=gpu", status="n/a", note="no CUDA device")
         few = [f"data.num_workers={s.few_workers}"]
         self.train_row("cpu_few", f"data.decode=cpu, {s.few_workers} workers", "train", [*few, "data.decode=cpu"])
         if on_gpu:
@@ -537,12 +532,17 @@ class Bench:
         else:
             self.rows["gpu_few"] = Row("gpu_few", "data.decode=gpu", status="n/a", note="no CUDA device")
         self.train_row("auto_few", f"data.decode=auto, {s.few_workers} workers", "train", [*few, "data.decode=auto"])
+        if on_gpu:
+            self.train_row("decode_gpu", f"data.decode=gpu, {s.workers} workers", "train", ["data.decode=gpu"])
+        else:
+            self.rows["decode_gpu"] = Row("decode_gpu", "data.decode=gpu", status="n/a", note="no CUDA device")
+        self.worker_row("trainer_synthetic", "Trainer.fit on device batches (no loader)", "synthetic_trainer",
+                        {**self.trainer_params("trainer_synthetic", []), "steps": s.steps})  # fmt: skip
+        self.cache_rows(teacher)
         self.train_row("online_eager", "timmface distill, online, teacher_compile=false", "distill",
                        [*teacher, "distill.teacher_compile=false"])  # fmt: skip
         online = self.trainer_params("ceiling_teacher", [*teacher, "distill.teacher_compile=auto"])
         self.worker_row("ceiling_teacher", "synthetic ceiling with the online teacher", "synthetic_loop", online, 60)
-        self.worker_row("trainer_synthetic", "Trainer.fit on device batches (no loader)", "synthetic_trainer",
-                        {**self.trainer_params("trainer_synthetic", []), "steps": s.steps})  # fmt: skip
         self.train_row("plain_nopfc", "timmface train, head.partial_fc=0", "train", ["head.partial_fc=0"])
         self.write()
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS = ["ceiling", "plain", "online", "bare_teacher", "embed_cache", "cached", "decode_gpu", "cpu_few", "gpu_few",
-        "auto_few", "online_eager", "ceiling_teacher", "trainer_synthetic", "plain_nopfc"]  # fmt: skip
+ROWS = ["ceiling", "plain", "online", "bare_teacher", "cpu_few", "gpu_few", "auto_few", "decode_gpu",
+        "trainer_synthetic", "embed_cache", "cached", "online_eager", "ceiling_teacher", "plain_nopfc"]  # fmt: skip
 TRAINING = {"plain", "online", "cached", "cpu_few", "auto_few", "online_eager", "plain_nopfc", "trainer_synthetic"}
 
 

@@ -374,7 +374,8 @@ def probe_decode(build: Callable[..., Any], device: torch.device, workers: int) 
     Each loader gets ``workers + 1`` untimed batches (every worker's first includes its start-up), then
     ``2 (workers + 1)`` timed ones with a prefetch depth of 1, so the timing is the steady rate and not a
     queue filled in advance. The loaders are closed; the caller builds the one to train with. Returns the
-    decode device (``None`` = CPU) and the line that says what was measured and chosen.
+    decode device (``None`` = CPU) and the line that says what was measured and chosen. A resumed run probes
+    again: it may choose the other decoder, whose pixels differ by the chroma upsampling (see above).
     """
     warmup, batches = workers + 1, 2 * (workers + 1)
     rates: dict[str, float] = {}
