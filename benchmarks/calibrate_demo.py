@@ -27,11 +27,18 @@ import torch.nn.functional as F
 
 from timmface.data.bin import VerificationSet
 from timmface.data.demo import load_or_generate_demo
+from timmface.data.image import resize_uint8
 from timmface.data.recordio import RecordIODataset
 
 
-def decode_all(ds: RecordIODataset) -> torch.Tensor:
-    return torch.stack([ds.decode(i) for i in range(len(ds))])
+def decode_all(ds: RecordIODataset, size: int) -> torch.Tensor:
+    """Every training image, uint8 (N, 3, size, size): resized like the trainer's loader when ``size`` differs."""
+    images = [ds.decode(i) for i in range(len(ds))]
+    return torch.stack([x if x.shape[-1] == size else resize_uint8(x, size) for x in images])
+
+
+def resize_all(images: torch.Tensor, size: int) -> torch.Tensor:
+    return images if images.shape[-1] == size else torch.stack([resize_uint8(x, size) for x in images])
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +93,7 @@ def main() -> None:
     ap.add_argument("--num-val-identities", type=int, default=200)
     ap.add_argument("--num-val-pairs", type=int, default=2000)
     ap.add_argument("--difficulty", type=float, default=1.0)
+    ap.add_argument("--image-size", type=int, default=112, help="train and evaluate at this size (data.image_size)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -102,9 +110,9 @@ def main() -> None:
     )
     gen_s = time.time() - t0
     ds = RecordIODataset(path)
-    images, labels = decode_all(ds), torch.from_numpy(ds.labels)
+    images, labels = decode_all(ds, args.image_size), torch.from_numpy(ds.labels)
     val = VerificationSet(path / "demo_val.bin")
-    val_images = val.decode_all()
+    val_images = resize_all(val.decode_all(), args.image_size)
     print(json.dumps({"data": str(path), "generate_s": round(gen_s, 1), "train_images": len(ds)}), flush=True)
 
     model = timm.create_model(args.model, num_classes=args.embed)

@@ -1,19 +1,22 @@
 """What distillation costs per step, measured as ratios in one run.
 
-    python benchmarks/distill_step.py --teacher runs/distill_demo/teacher     # demo data, demo student
-    python benchmarks/distill_step.py --teacher TEACHER --config configs/demo.yaml --steps 30
+    python benchmarks/distill_step.py --teacher runs/distill_demo/teacher     # the demo recipe, demo data
+    python benchmarks/distill_step.py --teacher TEACHER --config configs/demo_distill.yaml --steps 30
 
-Builds the real trainers on the same data and student (``configs/demo.yaml`` by default) and times,
-interleaved step by step so that machine drift hits all alike:
+Builds the real trainers on the same data and student (``configs/demo_distill.yaml`` by default: the
+harder demo's student with the recommended distillation terms) and times them interleaved, step by
+step, the order rotated every round, so that machine drift and the neighbours' load hit all alike:
 
-- plain training step (``Trainer.train_step``);
+- plain training step (``Trainer.train_step``, the config's distillation terms ignored);
 - cached distillation step (``DistillTrainer`` with ``distill.cache``: a memory-mapped row lookup);
 - online distillation step (``DistillTrainer`` with the teacher running on the batch);
 - the teacher's bare forward on the same batches.
 
-It prints ``cached/plain`` (target <= 1.05), ``(online - plain) / teacher forward`` (should be ~1:
-no extra copies, no gradients, no second data pass), and ``timmface embed --cache`` throughput
-against the teacher's bare forward throughput over the same images.
+It prints ``cached/plain`` (target <= 1.05) and ``online/plain`` as medians of the per-round ratios,
+``(online - plain) / teacher forward`` (should be ~1: no extra copies, no gradients, no second data
+pass), and ``timmface embed --cache`` throughput against the teacher's bare forward throughput over
+the same images. :func:`interleaved_times` and :func:`ratio_to` are also what
+``benchmarks/distill_demo.py`` uses for its step-cost column.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,16 +40,50 @@ from timmface.distill import DistillTrainer  # noqa: E402
 from timmface.trainer import Trainer, demo_data_path  # noqa: E402
 
 
-def timed(fn) -> float:
+def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
+def interleaved_times(fns: dict[str, Callable[[], object]], steps: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of each call of every function, ``warmup + steps`` rounds of one call each, the first
+    ``warmup`` rounds dropped. The order rotates every round, so that no function always follows
+    the same neighbour (cache state, a worker's prefetch) and drift spreads evenly."""
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for i in range(warmup + steps):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            t = timed(fns[name])
+            if i >= warmup:
+                times[name].append(t)
+    return times
+
+
+def ratio_to(times: dict[str, list[float]], name: str, base: str) -> float:
+    """Median over rounds of ``time[name] / time[base]`` within the same round (robust to drift between rounds)."""
+    return statistics.median(a / b for a, b in zip(times[name], times[base]))
+
+
+def bench_overrides(data: str, steps: int, out: Path) -> list[str]:
+    """Overrides that turn a demo config into a timing harness: fixed data folder, no evaluation or saving."""
+    return [
+        f"data.path={data}",
+        "data.demo.enabled=false",
+        "eval_every=0",
+        "save_every=0",
+        "log.progress=off",
+        "overwrite=true",
+        f"total_steps={steps + 1}",
+        f"output_dir={out}",
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", required=True, help="teacher run dir / checkpoint / hub folder")
-    p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    p.add_argument("--config", default=str(ROOT / "configs" / "demo_distill.yaml"))
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--embed-images", type=int, default=2000)
@@ -55,15 +93,6 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="distill_step_"))
     base = load_config(args.config, args.overrides)
     data = base.data.path or demo_data_path(base.data.demo)
-    common = [
-        f"data.path={data}",
-        "data.demo.enabled=false",
-        "eval_every=0",
-        "save_every=0",
-        "log.progress=off",
-        f"total_steps={args.steps + args.warmup + 1}",
-        *args.overrides,
-    ]
     cache = tmp / "teacher.tfemb"
 
     from timmface.cli import main as cli
@@ -74,36 +103,28 @@ def main() -> None:
                     + ["--image-size", size, "--no-progress", "--workers", str(base.data.num_workers)])
     )  # fmt: skip
 
-    plain = Trainer(load_config(args.config, [*common, f"output_dir={tmp / 'plain'}"]))
-    online = DistillTrainer(
-        load_config(args.config, [*common, f"output_dir={tmp / 'online'}", f"distill.teacher={args.teacher}",
-                                  "distill.teacher_dtype=float32"])
-    )  # fmt: skip
-    cached = DistillTrainer(
-        load_config(args.config, [*common, f"output_dir={tmp / 'cached'}", f"distill.cache={cache}"])
-    )
+    def make(cls: type[Trainer], name: str, *extra: str) -> Trainer:
+        common = bench_overrides(data, args.steps + args.warmup, tmp / name)
+        return cls(load_config(args.config, [*args.overrides, *common, *extra]))
+
+    plain = make(Trainer, "plain")
+    online = make(DistillTrainer, "online", f"distill.teacher={args.teacher}")
+    cached = make(DistillTrainer, "cached", f"distill.cache={cache}")
     for t in (plain, online, cached):
         t.model.train()
-
-    times: dict[str, list[float]] = {"plain": [], "cached": [], "online": [], "teacher": []}
     teacher = online.teacher
+    batch = next(plain.loader)  # a batch for the bare teacher forward, from the same loader type
+    x = normalize_on_device(batch.images, batch.flips)
 
     @torch.no_grad()
-    def bare(x: torch.Tensor) -> torch.Tensor:
-        return teacher(x)
+    def bare() -> None:
+        teacher(x)
 
-    for i in range(args.warmup + args.steps):
-        batch = next(plain.loader)  # a batch for the bare teacher forward, from the same loader type
-        x = normalize_on_device(batch.images, batch.flips)
-        step_times = {
-            "plain": timed(plain.train_step),
-            "cached": timed(cached.train_step),
-            "online": timed(online.train_step),
-            "teacher": timed(lambda x=x: bare(x)),
-        }
-        if i >= args.warmup:
-            for k, v in step_times.items():
-                times[k].append(v)
+    times = interleaved_times(
+        {"plain": plain.train_step, "cached": cached.train_step, "online": online.train_step, "teacher": bare},
+        args.steps,
+        args.warmup,
+    )
     med = {k: statistics.median(v) for k, v in times.items()}
 
     # embed throughput vs the teacher's bare forward throughput on the same number of images
@@ -113,17 +134,25 @@ def main() -> None:
     n_fwd = min(args.embed_images, n_images)
     batch_size = 256
     imgs = torch.stack([plain.dataset[i][0] for i in range(min(batch_size, n_images))])
-    x = normalize_on_device(imgs, None)
+    if imgs.shape[-1] != base.data.image_size:
+        from timmface.data.image import resize_uint8
+
+        imgs = torch.stack([resize_uint8(im, base.data.image_size) for im in imgs])
+    xb = normalize_on_device(imgs, None)
     with torch.no_grad():
-        teacher(x[:8])
-        t_bare = timed(lambda: [teacher(x) for _ in range(max(1, n_fwd // len(x)))]) / max(1, n_fwd // len(x))
-    bare_rate = len(x) / t_bare
+        teacher(xb[:8])
+        t_bare = timed(lambda: [teacher(xb) for _ in range(max(1, n_fwd // len(xb)))]) / max(1, n_fwd // len(xb))
+    bare_rate = len(xb) / t_bare
     embed_rate = 2 * n_images / t_embed  # two views per record
 
-    print(f"student {base.model.backbone}, batch {base.batch_size}, teacher {args.teacher}; medians of {args.steps}")
+    terms = ", ".join(cached.model.terms.keys()) or "none"
+    print(f"student {base.model.backbone}, batch {base.batch_size}, {base.data.image_size} px, terms: {terms}, "
+          f"centres={base.distill.centres}; teacher {args.teacher} ({base.distill.teacher_dtype} online); "
+          f"medians of {args.steps} interleaved rounds")  # fmt: skip
     for k in ("plain", "cached", "online", "teacher"):
         print(f"  {k:8s} {med[k] * 1000:8.1f} ms")
-    print(f"cached/plain = {med['cached'] / med['plain']:.3f}   (target <= 1.05)")
+    print(f"cached/plain = {ratio_to(times, 'cached', 'plain'):.3f}   (target <= 1.05)")
+    print(f"online/plain = {ratio_to(times, 'online', 'plain'):.3f}")
     extra = med["online"] - med["plain"]
     print(f"online - plain = {extra * 1000:.1f} ms; teacher forward = {med['teacher'] * 1000:.1f} ms; "
           f"ratio {extra / med['teacher']:.2f}")  # fmt: skip
