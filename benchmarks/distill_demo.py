@@ -97,6 +97,10 @@ def final_accuracy(run_dir: Path, total_steps: int) -> float | None:
     return None
 
 
+# keys that say how a run is started, not what it trains: a finished run is the same run whatever they were
+RUN_ONLY = {"overwrite", "resume"}
+
+
 def finished(run_dir: Path, config: Path, overrides: list[str]) -> float | None:
     """The final accuracy of a finished run of exactly this config (keys the saved config lacks, i.e.
     added to the schema later, are taken to be at their defaults); None when it must be (re)run."""
@@ -106,7 +110,8 @@ def finished(run_dir: Path, config: Path, overrides: list[str]) -> float | None:
     cfg = load_config(config, overrides)
     old = yaml.safe_load(saved.read_text())
     new = to_dict(cfg)
-    if [k for k in diff_configs(old, new) if _has_key(old, k) and not (k == "amp" and _same_amp(old[k], new[k]))]:
+    changed = [k for k in diff_configs(old, new) if _has_key(old, k) and k not in RUN_ONLY]
+    if [k for k in changed if not (k == "amp" and _same_amp(old[k], new[k]))]:
         return None
     return final_accuracy(run_dir, cfg.total_steps)
 
@@ -277,8 +282,17 @@ def report(
     for name, why in skipped.items():
         print(f"(row {name!r} not run: {why})")
     (out / "table.json").write_text(
-        json.dumps({"seeds": seeds, "teacher": teacher_acc, "rows": table, "skipped": skipped,
-                    "plain_ms": costs.get("plain_ms")}, indent=1) + "\n"  # fmt: skip
+        json.dumps(
+            {
+                "seeds": seeds,
+                "teacher": teacher_acc,
+                "rows": table,
+                "skipped": skipped,
+                "plain_ms": costs.get("plain_ms"),
+            },
+            indent=1,
+        )
+        + "\n"  # fmt: skip
     )
 
 

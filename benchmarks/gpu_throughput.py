@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,15 @@ def _minimal_iresnet(layers: tuple[int, ...]) -> nn.Module:
     )  # fmt: skip
 
 
+# bf16 autocast, as the trainer on a GPU; --cpu-smoke runs fp32 (a CPU without bf16 units emulates it ~8x slower,
+# and the smoke test only checks that every path runs)
+LOW: torch.dtype | None = torch.bfloat16
+
+
+def _autocast(device: torch.device) -> Any:
+    return torch.autocast(device.type, dtype=LOW or torch.bfloat16, enabled=LOW is not None)
+
+
 def build_teacher(arch: str, device: torch.device, compile_: bool) -> Callable[[Tensor], Tensor]:
     """A frozen random-weight iResNet: ``N x 3 x 112 x 112`` -> ``N x 512`` float32, bf16 autocast, no grad."""
     try:
@@ -82,12 +92,13 @@ def build_teacher(arch: str, device: torch.device, compile_: bool) -> Callable[[
         from teachers import TeacherWrapper
 
         # as a distillation run has it: channels-last on CUDA, bf16 trunk + fp32 head (teachers.online_teacher)
-        return TeacherWrapper(net, dtype="bfloat16", channels_last=device.type == "cuda", compile=compile_)
+        low = "float32" if LOW is None else str(LOW).removeprefix("torch.")
+        return TeacherWrapper(net, dtype=low, channels_last=device.type == "cuda", compile=compile_)
     except ImportError:
         run = torch.compile(net) if compile_ else net
 
         def forward(x: Tensor) -> Tensor:
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            with torch.no_grad(), _autocast(device):
                 return run(x).float()
 
         return forward
@@ -116,7 +127,7 @@ def measure(
     y = torch.randint(0, classes, (batch,), device=device, generator=g)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with _autocast(device):
             out = model(x, y)
             loss = out["loss"]
             if teach is not None:
@@ -158,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--cpu-smoke", action="store_true", help="CPU, batch 2, one step, 100 classes, no compile")
     args = p.parse_args(argv)
+    global LOW
     if args.cpu_smoke:
-        device = torch.device("cpu")
+        device, LOW = torch.device("cpu"), None
         args.batch, args.steps, args.warmup, args.classes, args.partial_fc = 2, 1, 0, 100, 0.5
         args.no_compile = True
     elif torch.cuda.is_available():
@@ -170,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         p.error("no CUDA device: this benchmark is for a GPU machine (use --cpu-smoke to check it runs)")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke test: not a measurement)"
-    print(f"# torch {torch.__version__}, {where}, bf16 autocast, compile={not args.no_compile}, "
+    precision = "fp32" if LOW is None else "bf16 autocast"
+    print(f"# torch {torch.__version__}, {where}, {precision}, compile={not args.no_compile}, "
           f"{args.classes} classes, partial_fc={args.partial_fc:g}", flush=True)  # fmt: skip
     for student in args.students:
         for teacher in ("none", args.teacher):
@@ -180,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 shown = f"img/s={r['img_per_s']:.0f} step_ms={r['step_s'] * 1e3:.1f} peak_mem_gib={r['peak_gib']:.2f}"
             except torch.OutOfMemoryError:
                 shown = "out of memory"
-            print(f"{student} teacher={teacher} batch={args.batch} bf16 {shown}", flush=True)
+            print(f"{student} teacher={teacher} batch={args.batch} {precision.split()[0]} {shown}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             torch._dynamo.reset()

@@ -42,7 +42,11 @@ def test_hard_preset_is_a_harder_version_of_the_demo() -> None:
     assert _load("demo_hard").total_steps < _load("demo").total_steps  # minutes per run, even on 2 cores
     # the same student and recipe as the demo: only the data, the budget and the run folder change
     assert {k.split(".")[0] for k in _diff("demo", "demo_hard")} <= {
-        "data", "output_dir", "total_steps", "eval_every", "save_every"
+        "data",
+        "output_dir",
+        "total_steps",
+        "eval_every",
+        "save_every",
     }
 
 
@@ -124,12 +128,15 @@ def test_table_reuses_a_finished_run_only_for_the_same_config(
     table = _table_module()
     run = tmp_path / "run"
     run.mkdir()
-    cfg = load_config(table.STUDENT, [f"amp={saved_amp}", f"output_dir={run}"])
+    # the table starts each run with overwrite=true and asks for it without: the same run
+    cfg = load_config(table.STUDENT, [f"amp={saved_amp}", f"output_dir={run}", "overwrite=true"])
     saved = to_dict(cfg)
     del saved["distill"]["cache"]  # a key the schema gained after the run: taken to be at its default
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     (run / "metrics.jsonl").write_text(
-        json.dumps({"step": 500, "acc/demo_val": 0.5}) + "\n" + json.dumps({"step": cfg.total_steps, "acc/demo_val": 0.75})
+        json.dumps({"step": 500, "acc/demo_val": 0.5})
+        + "\n"
+        + json.dumps({"step": cfg.total_steps, "acc/demo_val": 0.75})
     )
     got = table.finished(run, table.STUDENT, [f"amp={amp}", f"output_dir={run}"])
     assert got == (0.75 if same else None)
