@@ -64,9 +64,10 @@ ROWS: list[tuple[str, list[str] | None]] = [
     ("feature KD", FEATURE),
     ("+ in-batch relation", [*FEATURE, *RELATION]),
     ("+ memory relation", [*FEATURE, *RELATION, "distill.memory_size=4096"]),
-    ("EKD", [*NO_FEATURE, "distill.ekd_weight=30"]),
+    ("EKD", [*NO_FEATURE, "distill.ekd_weight=1"]),
     ("AdaDistill", [*NO_FEATURE, "distill.centres=adadistill", "distill.centres_init=random"]),
     ("logit KD", [*NO_FEATURE, "distill.logit_weight=1", "distill.logit_temperature=4"]),
+    ("teacher centres", [*NO_FEATURE, "distill.centres=frozen"]),
     ("best", []),
 ]  # fmt: skip
 

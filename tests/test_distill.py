@@ -190,13 +190,16 @@ def test_bad_combinations(toy_data: Path, teacher_run: Path, tmp_path: Path):
         )
 
 
-def test_teacher_centres(toy_data: Path, teacher_run: Path, tmp_path: Path):
+def test_teacher_centres(toy_data: Path, teacher_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     from teachers import load_teacher
     from timmface.data.recordio import RecordIODataset
 
     ds = RecordIODataset(toy_data)
     teacher = load_teacher(teacher_run)
-    centres = compute_teacher_centres(ds, ds.num_classes, teacher=teacher, batch_size=7, image_size=32)
+    centres = compute_teacher_centres(ds, ds.num_classes, teacher=teacher, batch_size=7, image_size=32, progress=True)
+    # the pass over the dataset says how far it is (at real scale it is as long as an embed run)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("teacher class centres: ")]
+    assert lines and lines[-1].startswith(f"teacher class centres: {len(ds)}/{len(ds)} (100.0%)"), lines
     # direct: per class, normalised mean of normalised embeddings
     with torch.no_grad():
         emb = torch.cat([teacher(torch.stack([ds[i][0] for i in range(len(ds))]).float() / 127.5 - 1)])

@@ -682,6 +682,36 @@ def test_ddp_sharded_adadistill_run_ends_with_the_centres_of_one_rank(toy_data, 
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+def test_ddp_recipe_frozen_teacher_centres_on_a_sharded_partial_fc_head(toy_data, teacher_run, teacher_cache, tmp_path):
+    """The shipped recipe's method (configs/demo_distill.yaml, the real-scale distill_*.yaml): teacher centres,
+    frozen, + feature KD, on a sharded Partial FC head over 2 gloo ranks: every rank's rows are the teacher's
+    per-identity means before and after training, and the student equals a 1-rank run."""
+    from tests.test_distributed import spawn
+    from timmface.config import load_config
+    from timmface.data.recordio import RecordIODataset
+    from timmface.distill import DistillTrainer, compute_teacher_centres
+    from timmface.embedding.cache import EmbeddingCache
+
+    sgd = ["optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9", "optim.warmup=0", "optim.weight_decay=0"]
+    extra = [
+        "eval_every=0", "save_every=0", "log.progress=off", "total_steps=4", "head.sharded=true",
+        "head.partial_fc=0.5", f"distill.cache={teacher_cache}", "distill.centres=frozen", "distill.feature_weight=10",
+        *sgd,
+    ]  # fmt: skip
+    r0, r1 = spawn(_ddp_distill, 2, _args(toy_data, tmp_path / "ddp", teacher_run, *extra), tmp=tmp_path)
+    one = DistillTrainer(load_config(None, _args(toy_data, tmp_path / "one", teacher_run, *extra)))
+    one.fit()
+    ds = RecordIODataset(toy_data)
+    centres = compute_teacher_centres(ds, ds.num_classes, cache=EmbeddingCache.open(teacher_cache))
+    for w in (r0["weight"], r1["weight"], one.sharded_head.full_weight()):
+        torch.testing.assert_close(w, centres, rtol=1e-5, atol=1e-6)  # frozen: never moved
+    for k, v in one.model.backbone.state_dict().items():
+        torch.testing.assert_close(r0["backbone"][k], v, rtol=1e-4, atol=1e-5)
+        assert torch.equal(r0["backbone"][k], r1["backbone"][k])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_ddp_ekd_memory_and_replicated_adadistill_keep_the_ranks_identical(
     toy_data, teacher_run, teacher_cache, tmp_path
 ):

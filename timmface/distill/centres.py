@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from timmface import distributed as tdist
 from timmface.distill.terms import float32_math, logit_kl
 from timmface.errors import ConfigError
+from timmface.progress import CountProgress
 
 __all__ = ["HeadDistillation", "adadistill_update_", "compute_teacher_centres", "ema_update_", "occurrence_index"]
 
@@ -30,9 +31,12 @@ def compute_teacher_centres(
     num_workers: int = 2,
     rank: int = 0,
     world_size: int = 1,
+    progress: bool = False,
 ) -> Tensor:
     """``C x D`` unit vectors: per identity, the normalised mean of its images' normalised teacher
-    embeddings (original views). From ``cache`` when given (no forward), else by running ``teacher``.
+    embeddings (original views). From ``cache`` when given (no forward), else by running ``teacher`` over
+    the dataset once (at real scale a pass as long as ``timmface embed``'s; ``progress`` shows it, as plain
+    lines off a terminal).
     Under DDP each rank takes every ``world_size``-th record and the sums are all-reduced. A class without
     a readable image gets a random unit vector drawn from a generator seeded by its index (the same on
     every rank)."""
@@ -65,7 +69,9 @@ def compute_teacher_centres(
         items = [(int(i), 0, False) for i in indices]
         loader = DataLoader(Subset(samples, items), batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
         sums = counts = None
+        bar = CountProgress("teacher class centres", len(items), enabled=progress)
         for batch in loader:
+            bar.update(len(batch.labels))
             if len(batch.labels) == 0:
                 continue
             emb = teacher(normalize_on_device(batch.images.to(device), None)).float()
@@ -73,6 +79,7 @@ def compute_teacher_centres(
                 sums = torch.zeros(num_classes, emb.shape[1], dtype=torch.float64, device=emb.device)
                 counts = torch.zeros(num_classes, dtype=torch.float64, device=emb.device)
             _accumulate(sums, counts, F.normalize(emb, dim=1), batch.labels.to(emb.device))
+        bar.close()
         assert sums is not None and counts is not None, "empty dataset"
     if tdist.is_distributed():
         dist.all_reduce(sums)

@@ -262,9 +262,10 @@ class DistillTrainer(Trainer):
             batch_size=self.cfg.eval_batch_size,
             device=self.device,
             image_size=self.cfg.data.image_size,
-            num_workers=min(2, self.cfg.data.num_workers),
+            num_workers=self.cfg.data.num_workers,
             rank=self.world.rank,
             world_size=self.world.world_size,
+            progress=self.is_main and self.cfg.log.progress != "off",
         ).cpu()
         if self.is_main:
             with atomic_path(path, hidden=True) as tmp:  # (safetensors alone would create it 0600)
