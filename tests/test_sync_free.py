@@ -210,7 +210,7 @@ def test_sync_free_steps_read_nothing_back(
 ) -> None:
     """Between log steps (log.every=4 over 9 steps) nothing reads a device value: margin loss (AdaFace's
     statistics included), Partial FC sampling, clipping, the fused AdamW step, EMA, the logged sums; an online
-    teacher (iResNet-18) with the feature term."""
+    teacher (iResNet-18) with the recipe's terms (frozen teacher centres, feature KD)."""
     cls: type[Trainer] = SyncFree
     extra = ["log.every=4", "total_steps=9"]
     if loss == "online teacher":
@@ -218,7 +218,10 @@ def test_sync_free_steps_read_nothing_back(
 
         torch.save(random_weights(iresnet_shapes(IRESNET["iresnet18"]), seed=0), tmp_path / "backbone.pth")
         teacher = f"distill.teacher={tmp_path / 'backbone.pth'}"
-        extra += [teacher, "model.embed_dim=512", "distill.teacher_dtype=float32"]
+        # the shipped method (configs/demo_distill.yaml): frozen teacher centres + feature KD. (AdaDistill and the
+        # teacher memory do read back: the rows they touch depend on the labels' values.)
+        extra += [teacher, "model.embed_dim=512", "distill.teacher_dtype=float32", "distill.centres=frozen"]
+        extra.append("distill.feature_weight=10")
         cls = SyncFreeDistill
     else:
         extra.append(f"loss.name={loss}")
