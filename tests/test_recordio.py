@@ -145,6 +145,15 @@ def test_headerless_pack_scans_headers(tmp_path: Path) -> None:
     assert torch.equal(ds[2][0], decoded(images[2]))
 
 
+@pytest.mark.parametrize("label", [float("inf"), float("-inf"), float("nan"), 1.5])
+def test_headerless_pack_refuses_a_label_that_is_not_an_integer(tmp_path: Path, label: float) -> None:
+    """One clear line naming the file and the key (an infinite label used to become a garbage int64)."""
+    records = {0: frame(ir_header(0, 0.0, 0) + jpeg(1)), 1: frame(ir_header(0, label, 1) + jpeg(2))}
+    write_folder(tmp_path / "d", records, None)
+    with pytest.raises(DataError, match=r"train\.rec: image key 1 has a non-integer label"):
+        _ = RecordIODataset(tmp_path / "d").labels
+
+
 def test_labels_come_from_headers_not_decoding(handmade: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*a, **k):
         raise AssertionError("decoded at open")

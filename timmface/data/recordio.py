@@ -438,8 +438,9 @@ class RecordIODataset(Dataset):
             if hit is not None and hit.shape == self.keys.shape:
                 return hit.astype(np.int64, copy=False)
         labels = self._gather_headers(self.keys, self._offsets)["class_label"]
-        if not np.all(labels == np.floor(labels)):
-            i = int(np.flatnonzero(labels != np.floor(labels))[0])
+        bad = ~np.isfinite(labels) | (labels != np.floor(labels))  # an infinite label passes the floor test
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
             raise DataError(f"{self.rec_path}: image key {int(self.keys[i])} has a non-integer label {labels[i]}")
         labels = labels.astype(np.int64)
         if self._index_cache:
