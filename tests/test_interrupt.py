@@ -23,6 +23,7 @@ from timmface.checkpoint import checkpoint_path, list_checkpoints
 from timmface.cli import main
 from timmface.config import load_config
 from timmface.faults import ENV
+from timmface.stopping import StopRequest
 from timmface.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +46,33 @@ def _signal_during(monkeypatch: pytest.MonkeyPatch, step: int, signum: int, rank
     monkeypatch.setattr(Trainer, "train_step", train_step)
 
 
-def test_ctrl_c_saves_the_step_says_how_to_resume_and_exits_130(toy_data: Path, tmp_path: Path, monkeypatch, capsys):
+@pytest.fixture
+def interactive_sigint() -> Any:
+    """SIGINT as an interactive Python has it, whatever the test process inherited (a background job of a
+    non-interactive shell starts with SIGINT ignored, and the trainer then leaves it ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_signal_the_process_ignores_stays_ignored() -> None:
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop = StopRequest(torch.device("cpu"), distributed=False)
+        stop.install()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # not taken over
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum is None and not stop.agreed()
+        stop.restore()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_saves_the_step_says_how_to_resume_and_exits_130(
+    toy_data: Path, tmp_path: Path, monkeypatch, capsys, interactive_sigint
+):
     args = tiny_run_args(toy_data, tmp_path / "whole", "total_steps=8", "save_every=0", "eval_every=0")
     assert main(["train", *args]) == 0
     run = tmp_path / "r"

@@ -66,11 +66,16 @@ class StopRequest:
     # ------------------------------------------------------------------------------------ handlers
 
     def install(self) -> None:
-        """Catch SIGINT and SIGTERM (only the main thread may; elsewhere the defaults stay)."""
+        """Catch SIGINT and SIGTERM (only the main thread may; elsewhere the defaults stay). A signal the process
+        was started to ignore stays ignored (a background job of a non-interactive shell ignores SIGINT, as
+        Python itself respects: Ctrl-C in the terminal is not meant for it)."""
         if threading.current_thread() is not threading.main_thread():
             return
         for s in SIGNALS:
-            self._previous[s] = signal.getsignal(s)
+            previous = signal.getsignal(s)
+            if previous == signal.SIG_IGN:
+                continue
+            self._previous[s] = previous
             signal.signal(s, self._handle)
 
     def restore(self) -> None:
@@ -83,7 +88,7 @@ class StopRequest:
         if os.getpid() != self._pid:  # a forked data-loader worker: the trainer decides, the worker serves on
             return
         self.signum = signum
-        for s in SIGNALS:  # the next signal: the default action, at once
+        for s in self._previous:  # the next signal: the default action, at once
             signal.signal(s, signal.SIG_DFL)
 
     # ----------------------------------------------------------------------------------- agreement
