@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tests.conftest import tiny_run_args, write_toy_dataset
+from tests.test_faults import _poison
 from timmface.config import load_config
 from timmface.distill import DistillTrainer
 from timmface.errors import TimmfaceError
@@ -242,18 +243,6 @@ def test_the_detector_sees_the_per_step_check(many_classes: Path, tmp_path: Path
     with watch_host_reads(t, monkeypatch) as mode:
         t.fit()
     assert sum(r.startswith("_local_scalar_dense at trainer.py") for r in mode.reads) >= 3, mode.reads
-
-
-def _poison(monkeypatch: pytest.MonkeyPatch, steps: set[int]) -> None:
-    real = Trainer._forward
-
-    def forward(self: Trainer, x: Any, labels: Any, targets: Any) -> dict[str, Any]:
-        out = real(self, x, labels, targets)
-        if self.step + 1 in steps:
-            out["loss"] = out["loss"] * float("nan")
-        return out
-
-    monkeypatch.setattr(Trainer, "_forward", forward)
 
 
 @pytest.mark.parametrize("log_every", [1, 3])
